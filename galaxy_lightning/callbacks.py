@@ -1,0 +1,116 @@
+"""Run outputs that are files: the tutorial's figures, metrics.json and an image grid of the data.
+
+The LightningModule computes and logs the metrics; this callback turns them into the files a user
+opens after a run (and into TensorBoard images). The accuracy history lives in the callback's
+state, which Lightning stores in every checkpoint, so a resumed run still plots the whole curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from galaxy_lightning.plots import (
+    accuracy_curve_figure,
+    confusion_matrix_figure,
+    figure_to_array,
+    image_grid_figure,
+)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunArtifacts(L.Callback):
+    """Writes ``accuracy_curve.png``, ``confusion_matrix.png``, ``examples.png``, ``metrics.json``."""
+
+    def __init__(self, output_dir: str, examples_per_class: int = 8) -> None:
+        self.output_dir = Path(output_dir)
+        self.examples_per_class = examples_per_class
+        self.history: dict[str, list[float]] = {"train_step": [], "train_acc": [],
+                                                "val_step": [], "val_acc": []}
+
+    # -- state (saved in checkpoints) --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Resuming in a new process: continue the checkpoint's curve. In the process that trained,
+        # `trainer.test(ckpt_path="best")` also restores callback states; the live history is
+        # longer than the best checkpoint's and must not be replaced by it.
+        if not self.history["val_step"]:
+            self.history = {k: list(v) for k, v in state_dict["history"].items()}
+
+    # -- hooks -------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.datamodule is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        images, labels = trainer.datamodule.examples(self.examples_per_class)
+        fig = image_grid_figure(images, labels, pl_module.class_names, self.examples_per_class)
+        fig.savefig(self.output_dir / "examples.png", dpi=100)
+        self._tensorboard_image(trainer, "data/examples", figure_to_array(fig), 0)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        step = trainer.global_step
+        if "val/acc" in metrics and (not self.history["val_step"] or self.history["val_step"][-1] != step):
+            self.history["val_step"].append(step)
+            self.history["val_acc"].append(float(metrics["val/acc"]))
+            if "train/acc" in metrics:
+                self.history["train_step"].append(step)
+                self.history["train_acc"].append(float(metrics["train/acc"]))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.history["val_step"]:
+            return
+        h = self.history
+        best = int(h["val_step"][int(np.argmax(h["val_acc"]))])
+        fig = accuracy_curve_figure(h["train_step"], h["train_acc"], h["val_step"], h["val_acc"], best)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.output_dir / "accuracy_curve.png", dpi=120)
+        self._tensorboard_image(trainer, "curves/accuracy", figure_to_array(fig), trainer.global_step)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report = getattr(pl_module, "test_report", None)
+        if not trainer.is_global_zero or report is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fig = confusion_matrix_figure(np.array(report["confusion_matrix"]), pl_module.class_names,
+                                      title="Test confusion matrix")
+        fig.savefig(self.output_dir / "confusion_matrix.png", dpi=120)
+        figure_to_array(fig)  # closes it
+        h = self.history
+        best_val = max(h["val_acc"]) if h["val_acc"] else None
+        checkpoint = trainer.checkpoint_callback
+        metrics = {
+            "test_acc": report["acc"],
+            "test_loss": report["loss"],
+            "test_acc_per_class": report["acc_per_class"],
+            "confusion_matrix": report["confusion_matrix"],
+            "class_names": list(pl_module.class_names),
+            "val_acc_best": best_val,
+            "best_step": int(h["val_step"][int(np.argmax(h["val_acc"]))]) if h["val_acc"] else None,
+            "global_step": trainer.global_step,
+            "checkpoint": str(checkpoint.best_model_path) if checkpoint is not None
+            and getattr(checkpoint, "best_model_path", "") else None,
+            "history": h,
+        }
+        _write_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2))
+
+    @staticmethod
+    def _tensorboard_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(tag, image, step, dataformats="HWC")

@@ -1,0 +1,324 @@
+"""An offline galaxy simulator for the tutorial's 7 Galaxy10 DECaLS classes.
+
+Each image is a small physical model of a galaxy as the Legacy Surveys viewer renders it: Sersic
+bulges and ellipticals, exponential disks seen at a random inclination (thick-disk axis ratio
+``q^2 = cos^2 i (1 - q0^2) + q0^2``), logarithmic spiral arms whose pitch angle separates tight
+from loose spirals, bars with arms starting at their ends, thin edge-on disks with bulges and dust
+lanes, and pairs of galaxies with tidal tails for mergers. Bulges are red and disks blue; the image
+is blurred by a Gaussian PSF (FWHM 4-6 px, i.e. 1-1.5 arcsec at 0.262 arcsec/px), gets sky and
+photon noise, field stars and small background galaxies, a small centring jitter, and an asinh
+(Lupton) colour stretch to uint8 RGB (channels z, r, g as R, G, B).
+
+Class boundaries overlap on purpose (axis ratios of round and in-between ellipticals, arm
+contrast, noise), so the tutorial CNN learns it quickly but does not saturate.
+
+Every image is drawn from its own generator seeded by ``(seed, index)``: the data set is
+deterministic and independent of chunking or the order of generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from galaxy_lightning.data.prepared import PreparedWriter, provenance_matches
+
+CLASS_NAMES = [
+    "Merging",
+    "Round Smooth",
+    "In-between Round Smooth",
+    "Barred Spiral",
+    "Unbarred Tight Spiral",
+    "Unbarred Loose Spiral",
+    "Edge-on with Bulge",
+]
+SIMULATOR_VERSION = 1
+
+# Display colours (R, G, B = z, r, g bands) of old, red stellar populations and of young, blue disks.
+_RED = np.array([1.0, 0.80, 0.58], dtype=np.float32)
+_BLUE = np.array([0.62, 0.78, 1.0], dtype=np.float32)
+
+
+def _sersic_b(n: float) -> float:
+    return 2.0 * n - 1.0 / 3.0 + 0.009876 / n
+
+
+class _Canvas:
+    """Pixel grid of one image, in units scaled so that parameters are given for a 96 px crop."""
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.size = size
+        self.scale = size / 96.0
+        self.rng = rng
+        c = (size - 1) / 2.0
+        coords = (np.arange(size, dtype=np.float32) - c) / self.scale
+        self.y, self.x = np.meshgrid(coords, coords, indexing="ij")
+        self.flux = np.zeros((3, size, size), dtype=np.float32)
+
+    def frame(self, x0: float, y0: float, pa: float, q: float) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinates (u along the major axis, v along the minor axis de-projected by q)."""
+        dx, dy = self.x - x0, self.y - y0
+        cos, sin = math.cos(pa), math.sin(pa)
+        u = dx * cos + dy * sin
+        v = (-dx * sin + dy * cos) / q
+        return u, v
+
+    def add(self, profile: np.ndarray, flux: float, color: np.ndarray) -> None:
+        """Add a component normalised to ``flux`` counts, split over bands by ``color``."""
+        total = float(profile.sum())
+        if total > 0:
+            self.flux += (flux / total) * profile[None] * color[:, None, None]
+
+    def color(self, base: np.ndarray, jitter: float = 0.07) -> np.ndarray:
+        return np.clip(base + self.rng.normal(0.0, jitter, 3).astype(np.float32), 0.2, 1.2)
+
+
+def _sersic(u: np.ndarray, v: np.ndarray, r_e: float, n: float) -> np.ndarray:
+    r = np.sqrt(u * u + v * v)
+    return np.exp(-_sersic_b(n) * ((r / r_e) ** (1.0 / n) - 1.0))
+
+
+def _disk_axis_ratio(rng: np.random.Generator, cos_i_range: tuple[float, float]) -> float:
+    cos_i = rng.uniform(*cos_i_range)
+    q0 = rng.uniform(0.1, 0.2)
+    return math.sqrt(cos_i**2 * (1 - q0**2) + q0**2)
+
+
+def _clumps(cv: _Canvas, strength: float) -> np.ndarray:
+    """Lumpy star-forming texture: smoothed log-normal noise with mean ~1."""
+    noise = cv.rng.normal(0.0, 1.0, (cv.size, cv.size)).astype(np.float32)
+    smooth = _gaussian_blur(noise[None], 1.2 * cv.scale)[0]
+    smooth /= smooth.std() + 1e-6
+    return np.exp(strength * smooth - 0.5 * strength**2)
+
+
+def _spiral(cv: _Canvas, x0: float, y0: float, pa: float, q: float, h: float, flux: float,
+            pitch_deg: float, arms: int, arm_frac: float, r_start: float, phase: float,
+            sharpness: float) -> None:
+    """Exponential disk of scale length h with an m-armed logarithmic spiral pattern."""
+    rng = cv.rng
+    u, v = cv.frame(x0, y0, pa, q)
+    r = np.sqrt(u * u + v * v) + 1e-3
+    theta = np.arctan2(v, u)
+    disk = np.exp(-r / h)
+    winding = np.log(r / max(r_start, 0.5)) / math.tan(math.radians(pitch_deg))
+    pattern = ((1.0 + np.cos(arms * (theta - winding - phase))) / 2.0) ** sharpness
+    onset = 1.0 - np.exp(-((r / max(r_start, 0.5)) ** 2))
+    arms_map = disk * pattern * onset * _clumps(cv, rng.uniform(0.3, 0.7))
+    cv.add(disk, flux * (1.0 - arm_frac), cv.color(_BLUE * 0.9 + _RED * 0.1))
+    cv.add(arms_map, flux * arm_frac, cv.color(_BLUE))
+
+
+def _elliptical(cv: _Canvas, x0: float, y0: float, flux: float, n: float, r_e: float,
+                q: float) -> None:
+    u, v = cv.frame(x0, y0, cv.rng.uniform(0, math.pi), q)
+    cv.add(_sersic(u, v, r_e, n), flux, cv.color(_RED))
+
+
+def _disk_galaxy(cv: _Canvas, x0: float, y0: float, flux: float, h: float) -> None:
+    """A generic bulge + disk galaxy (merger components, background galaxies)."""
+    rng = cv.rng
+    pa, q = rng.uniform(0, math.pi), _disk_axis_ratio(rng, (0.2, 1.0))
+    bt = rng.uniform(0.1, 0.6)
+    u, v = cv.frame(x0, y0, pa, q)
+    cv.add(_sersic(u, v, h, 1.0), flux * (1 - bt), cv.color(_BLUE))
+    u, v = cv.frame(x0, y0, pa, rng.uniform(0.7, 1.0))
+    cv.add(_sersic(u, v, rng.uniform(0.15, 0.35) * h * 1.68, rng.uniform(2, 4)), flux * bt,
+           cv.color(_RED))
+
+
+def _tidal_tail(cv: _Canvas, x0: float, y0: float, flux: float, length: float) -> None:
+    """A curved stream of stars pulled out of a galaxy: Gaussian knots along a widening arc."""
+    rng = cv.rng
+    k = 24
+    t = np.linspace(0.0, 1.0, k, dtype=np.float32)
+    heading = rng.uniform(0, 2 * math.pi) + rng.choice([-1, 1]) * rng.uniform(1.0, 3.0) * t
+    step = length / k
+    xs = x0 + np.cumsum(step * np.cos(heading))
+    ys = y0 + np.cumsum(step * np.sin(heading))
+    width = (1.5 + 3.0 * t) * rng.uniform(0.8, 1.4)
+    weight = np.exp(-2.0 * t) * rng.uniform(0.5, 1.5, k)
+    d2 = (cv.x[None] - xs[:, None, None]) ** 2 + (cv.y[None] - ys[:, None, None]) ** 2
+    profile = (weight[:, None, None] / width[:, None, None] ** 2
+               * np.exp(-0.5 * d2 / width[:, None, None] ** 2)).sum(0)
+    cv.add(profile, flux, cv.color(_BLUE * 0.6 + _RED * 0.4))
+
+
+def _draw_class(cv: _Canvas, label: int) -> None:
+    rng = cv.rng
+    jitter = 1.5  # centring jitter (px at 96 px)
+    x0, y0 = rng.normal(0.0, jitter, 2)
+    flux = 10 ** rng.uniform(4.3, 5.3)
+    if label == 0:  # Merging: two galaxies, tidal tails, distorted light
+        sep = rng.uniform(5.0, 26.0)
+        ang = rng.uniform(0, 2 * math.pi)
+        ratio = rng.uniform(0.25, 1.0)
+        centres = [(x0 - 0.5 * sep * math.cos(ang), y0 - 0.5 * sep * math.sin(ang)),
+                   (x0 + 0.5 * sep * math.cos(ang), y0 + 0.5 * sep * math.sin(ang))]
+        for (cx, cy), f in zip(centres, (flux / (1 + ratio), flux * ratio / (1 + ratio))):
+            if rng.random() < 0.5:
+                _elliptical(cv, cx, cy, f, rng.uniform(1.5, 4.0), rng.uniform(3, 9),
+                            rng.uniform(0.5, 1.0))
+            else:
+                _disk_galaxy(cv, cx, cy, f, rng.uniform(3, 8))
+        for _ in range(rng.integers(1, 3)):
+            cx, cy = centres[rng.integers(0, 2)]
+            _tidal_tail(cv, cx, cy, flux * rng.uniform(0.1, 0.35), rng.uniform(12, 38))
+    elif label == 1:  # Round Smooth
+        _elliptical(cv, x0, y0, flux, rng.uniform(2.5, 5.5), rng.uniform(4, 14),
+                    rng.uniform(0.72, 1.0))
+    elif label == 2:  # In-between Round Smooth
+        _elliptical(cv, x0, y0, flux, rng.uniform(1.5, 4.5), rng.uniform(4, 14),
+                    rng.uniform(0.38, 0.82))
+    elif label in (3, 4, 5):  # spirals
+        pa, q = rng.uniform(0, math.pi), _disk_axis_ratio(rng, (0.45, 1.0))
+        h = rng.uniform(5, 12)
+        bt = {3: rng.uniform(0.1, 0.35), 4: rng.uniform(0.15, 0.45), 5: rng.uniform(0.03, 0.3)}[label]
+        arm_frac = rng.uniform(0.25, 0.6)
+        arms = 2 if (label != 5 or rng.random() < 0.7) else 3
+        sharp = rng.uniform(1.5, 5.0)
+        if label == 3:  # bar, with the arms starting at its ends
+            bar_len = rng.uniform(0.7, 1.6) * h
+            bar_angle = rng.uniform(0, math.pi)
+            u, v = cv.frame(x0, y0, pa, q)
+            ub = u * math.cos(bar_angle) + v * math.sin(bar_angle)
+            vb = -u * math.sin(bar_angle) + v * math.cos(bar_angle)
+            bar = _sersic(ub, vb / rng.uniform(0.18, 0.35), bar_len * 0.6, 0.5)
+            cv.add(bar, flux * rng.uniform(0.1, 0.25), cv.color(_RED * 0.7 + _BLUE * 0.3))
+            _spiral(cv, x0, y0, pa, q, h, flux * (1 - bt), rng.uniform(10, 35), 2, arm_frac,
+                    bar_len, bar_angle, sharp)
+        else:
+            pitch = rng.uniform(7, 17) if label == 4 else rng.uniform(19, 38)
+            _spiral(cv, x0, y0, pa, q, h, flux * (1 - bt), pitch, arms, arm_frac,
+                    rng.uniform(0.3, 0.8) * h, rng.uniform(0, 2 * math.pi), sharp)
+        u, v = cv.frame(x0, y0, pa, rng.uniform(0.75, 1.0))
+        cv.add(_sersic(u, v, rng.uniform(1.5, 4.0), rng.uniform(1.5, 4.0)), flux * bt,
+               cv.color(_RED))
+    else:  # Edge-on with Bulge: thin disk (i ~ 90 deg), bulge, optional dust lane
+        pa = rng.uniform(0, math.pi)
+        q = rng.uniform(0.08, 0.22)
+        h = rng.uniform(7, 16)
+        bt = rng.uniform(0.15, 0.55)
+        u, v = cv.frame(x0, y0, pa, q)
+        disk = np.exp(-np.abs(u) / h) * np.exp(-np.abs(v * q) / (q * h * 0.6))
+        lane = 1.0 - rng.uniform(0.0, 0.7) * np.exp(-0.5 * (v * q / rng.uniform(0.6, 1.2)) ** 2)
+        cv.add(disk * lane, flux * (1 - bt), cv.color(_BLUE * 0.7 + _RED * 0.3))
+        u, v = cv.frame(x0, y0, pa, rng.uniform(0.55, 1.0))
+        cv.add(_sersic(u, v, rng.uniform(2.0, 6.0), rng.uniform(1.5, 4.0)) * lane, flux * bt,
+               cv.color(_RED))
+
+
+def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Convolve (C, H, W) images with a Gaussian by FFT (periodic edges, negligible here)."""
+    h, w = images.shape[-2:]
+    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
+    transfer = np.exp(-2.0 * (math.pi * sigma) ** 2 * (fx**2 + fy**2))
+    return np.fft.irfft2(np.fft.rfft2(images) * transfer, s=(h, w)).astype(np.float32)
+
+
+def render(label: int, seed: int, index: int, size: int = 96) -> np.ndarray:
+    """Simulate one galaxy of class ``label`` as a uint8 (size, size, 3) RGB image."""
+    rng = np.random.default_rng([seed, index])
+    cv = _Canvas(size, rng)
+    _draw_class(cv, label)
+    # Field stars (point sources) and small, faint background galaxies.
+    for _ in range(rng.poisson(0.8)):
+        star = np.zeros((size, size), dtype=np.float32)
+        star[tuple(rng.integers(0, size, 2))] = 1.0  # a point source; the PSF gives it its shape
+        cv.add(star, 10 ** rng.uniform(3.0, 4.6),
+               cv.color(_RED * rng.random() + _BLUE * rng.random(), 0.1))
+    for _ in range(rng.poisson(0.6)):
+        gx, gy = rng.uniform(-46, 46, 2)
+        _disk_galaxy(cv, gx, gy, 10 ** rng.uniform(3.0, 4.0), rng.uniform(1.0, 2.5))
+    # PSF: FWHM 4-6 px at 0.262"/px.
+    flux = _gaussian_blur(cv.flux, rng.uniform(4.0, 6.0) / 2.3548 * cv.scale)
+    # Sky + photon noise (gain 1): variance = sky + signal, per band.
+    sky_sigma = rng.uniform(4.0, 9.0)
+    noise = rng.normal(0.0, 1.0, flux.shape).astype(np.float32)
+    flux = flux + noise * np.sqrt(sky_sigma**2 + np.clip(flux, 0, None))
+    # Lupton asinh stretch preserving colour, scaled to the sky noise.
+    softening = sky_sigma * rng.uniform(2.0, 4.0)
+    intensity = flux.mean(0)
+    stretch = np.arcsinh(np.clip(intensity, 1e-3, None) / softening) / np.clip(intensity, 1e-3, None)
+    top = math.asinh(rng.uniform(30.0, 60.0))
+    rgb = flux * stretch[None] / top
+    rgb = np.clip(rgb, 0.0, 1.0)
+    return (rgb.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def simulate(n_per_class: int, image_size: int = 96, seed: int = 0,
+             start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``start:stop`` of the balanced set (row i has label i mod 7): uint8 NHWC and labels."""
+    total = n_per_class * len(CLASS_NAMES)
+    stop = total if stop is None else min(stop, total)
+    index = np.arange(start, stop)
+    labels = (index % len(CLASS_NAMES)).astype(np.int64)
+    images = np.empty((len(index), image_size, image_size, 3), dtype=np.uint8)
+    for row, (i, label) in enumerate(zip(index, labels)):
+        images[row] = render(int(label), seed, int(i), image_size)
+    return images, labels
+
+
+class SyntheticGalaxies:
+    """Data source: simulate the 7-class set once per parameter set and cache it as a prepared file."""
+
+    def __init__(self, n_per_class: int = 1800, image_size: int = 96, seed: int = 0,
+                 filename: str | None = None) -> None:
+        self.n_per_class = n_per_class
+        self.image_size = image_size
+        self.seed = seed
+        self.filename = filename or f"synthetic_galaxies_n{n_per_class}_s{image_size}_seed{seed}.h5"
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"source": "synthetic", "simulator_version": SIMULATOR_VERSION,
+                "n_per_class": self.n_per_class, "image_size": self.image_size, "seed": self.seed}
+
+    def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
+        """Return the prepared file under ``data_dir``, simulating it first if needed."""
+        path = Path(data_dir) / self.filename
+        if provenance_matches(path, self.provenance):
+            return path
+        from tqdm.auto import tqdm
+
+        total = self.n_per_class * len(CLASS_NAMES)
+        chunk = 700
+        with PreparedWriter(path, total, (self.image_size, self.image_size, 3), CLASS_NAMES,
+                            self.provenance) as writer, \
+                tqdm(total=total, desc=f"simulating {path.name}", unit="img",
+                     disable=not progress) as bar:
+            for start in range(0, total, chunk):
+                images, labels = simulate(self.n_per_class, self.image_size, self.seed, start,
+                                          start + chunk)
+                writer.write(images, labels)
+                bar.update(len(labels))
+        return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m galaxy_lightning.data.synthetic --out grid.png``: look at the simulator."""
+    from galaxy_lightning.plots import image_grid_figure
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", default="synthetic_examples.png", help="PNG to write")
+    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    images, labels = simulate(args.per_class, args.size, args.seed)
+    elapsed = time.perf_counter() - t0
+    fig = image_grid_figure(images, labels, CLASS_NAMES, per_class=args.per_class)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}: {len(labels)} images in {elapsed:.2f} s "
+          f"({1e3 * elapsed / len(labels):.2f} ms/image)")
+
+
+if __name__ == "__main__":
+    main()

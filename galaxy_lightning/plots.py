@@ -1,0 +1,86 @@
+"""Figures of a run: the tutorial's accuracy curve, the confusion matrix and an image grid.
+
+Pure functions from arrays to matplotlib figures (Agg backend, no display needed); the callers
+decide where a figure goes (PNG file, TensorBoard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def accuracy_curve_figure(train_steps: Sequence[int], train_acc: Sequence[float],
+                          val_steps: Sequence[int], val_acc: Sequence[float],
+                          best_step: int | None = None) -> Figure:
+    """Training and validation accuracy against the iteration, as in the tutorial."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    ax.plot(train_steps, train_acc, label="training", color="tab:blue")
+    ax.plot(val_steps, val_acc, label="validation", color="tab:orange")
+    if best_step is not None:
+        ax.axvline(best_step, color="grey", ls=":", lw=1, label=f"best validation (step {best_step})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Training and Validation Accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str],
+                            title: str = "Confusion matrix") -> Figure:
+    """Row-normalised confusion matrix (true class per row) with the counts written in each cell."""
+    matrix = np.asarray(matrix, dtype=np.int64)
+    k = len(class_names)
+    rows = matrix.sum(1, keepdims=True)
+    frac = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    size = 2.0 + 0.75 * k
+    fig, ax = plt.subplots(figsize=(size + 1.0, size), layout="constrained")
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{frac[i, j]:.2f}\n({matrix[i, j]})", ha="center", va="center",
+                    fontsize=7, color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = matrix.sum()
+    acc = np.trace(matrix) / total if total else float("nan")
+    ax.set_title(f"{title} (accuracy {acc:.3f}, {total} images)")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    return fig
+
+
+def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                      per_class: int = 8) -> Figure:
+    """One row per class with up to ``per_class`` uint8 NHWC example images."""
+    k = len(class_names)
+    fig, axes = plt.subplots(k, per_class, figsize=(1.2 * per_class + 1.6, 1.25 * k),
+                             squeeze=False, layout="constrained")
+    for c in range(k):
+        idx = np.flatnonzero(np.asarray(labels) == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.set_axis_off()
+            if j < len(idx):
+                img = images[idx[j]]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img,
+                          cmap="gray" if img.shape[-1] == 1 else None)
+        axes[c, 0].text(-0.08, 0.5, class_names[c], transform=axes[c, 0].transAxes,
+                        ha="right", va="center", fontsize=8)
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a figure to an RGB uint8 (H, W, 3) array (for TensorBoard images) and close it."""
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    plt.close(fig)
+    return rgba[..., :3].copy()
