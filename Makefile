@@ -1,0 +1,30 @@
+# galaxy_lightning: common tasks. `make help` lists them.
+PYTHON ?= python
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: help install test test-fast quickstart preview tensorboard clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install:  ## install torch 2.13.0 (CPU wheel here) first, then the project (editable) with test tools
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[dev]"
+
+test:  ## the whole test suite, slow end-to-end tests included (what CI runs)
+	$(PYTHON) -m pytest -m "slow or not slow"
+
+test-fast:  ## the fast suite only (under 5 minutes on 2 cores)
+	$(PYTHON) -m pytest
+
+quickstart:  ## a short run on simulated galaxies, every output of a full run
+	$(PYTHON) train.py experiment=quickstart
+
+preview:  ## write synthetic_examples.png: 8 simulated galaxies per class
+	$(PYTHON) -m galaxy_lightning.data.synthetic --out synthetic_examples.png
+
+tensorboard:  ## dashboards of every run under logs/
+	tensorboard --logdir logs
+
+clean:  ## remove run outputs (logs/), keep data/
+	rm -rf logs outputs multirun .pytest_cache

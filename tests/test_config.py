@@ -1,0 +1,110 @@
+"""Every config group composes and instantiates; bad configs fail before training with one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from galaxy_lightning.config import validate_config
+from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.train import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "optimizer", "trainer", "logger", "callbacks"])
+def test_every_option_of_every_group_composes_and_instantiates(
+        group: str, make_cfg: Callable[..., DictConfig]) -> None:
+    assert options(group), f"conf/{group} is empty"
+    for option in options(group):
+        cfg = make_cfg(f"{group}={option}", tiny=False)
+        validate_config(cfg)
+        node = cfg[group]
+        if group == "model":
+            net = instantiate(node, in_channels=3, num_classes=7, image_size=96)
+            assert net(torch.zeros(2, 3, 96, 96)).shape == (2, 7)
+        elif group == "optimizer":
+            opt = instantiate(node, _partial_=True)([torch.nn.Parameter(torch.zeros(1))])
+            assert isinstance(opt, torch.optim.Optimizer)
+        elif group == "trainer":
+            assert instantiate(node, accelerator="cpu").max_steps == node.max_steps
+        elif group in ("logger", "callbacks"):
+            assert all(instantiate(v) is not None for v in (node or {}).values() if v is not None)
+        else:
+            assert instantiate(node).batch_size == node.batch_size
+
+
+@pytest.mark.parametrize("option", options("experiment") + [f"debug/{d}" for d in options("debug")])
+def test_experiments_and_debug_presets_compose(option: str, make_cfg: Callable[..., DictConfig]) -> None:
+    group, name = option.split("/") if "/" in option else ("experiment", option)
+    cfg = make_cfg(f"{group}={name}", tiny=False)
+    validate_config(cfg)
+    assert cfg.trainer.max_steps >= 1
+
+
+def test_quickstart_preset_builds_everything(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("experiment=quickstart", "data.source.n_per_class=10",
+                   "data.splits=[40,15,15]", tiny=False)
+    datamodule, module, trainer = build(cfg)
+    assert trainer.max_steps == 400 and datamodule.batch_size == 200
+    assert sum(p.numel() for p in module.parameters()) == 2729
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+model.dropout=0.5", "unknown config key 'model.dropout'"),
+    ("+data.source.colour=1", "unknown config key 'data.source.colour'"),
+    ("+foo=1", "unknown top-level config key 'foo'"),
+    ("+model.num_classes=3", "model.num_classes is set from the data"),
+    ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+    ("optimizer.lr=-0.001", "optimizer.lr=-0.001 must be a positive number"),
+    ("+optimizer.betas=[0.9,1.5]", "rejects its settings"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+])
+def test_bad_configs_are_refused_with_one_line(override: str, message: str,
+                                              make_cfg: Callable[..., DictConfig]) -> None:
+    with pytest.raises(GalaxyError, match=message.replace("[", r"\[")) as err:
+        validate_config(make_cfg(override))
+    assert "\n" not in str(err.value)
+
+
+def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args,
+                           f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+def test_cli_refuses_bad_values_before_training(tmp_path: Path) -> None:
+    result = run_cli("data=synthetic", "data.batch_size=0", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: data.batch_size=0 must be a positive integer"
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "data").exists()  # refused before any data was simulated
+
+
+def test_cli_default_without_galaxy10_says_where_to_put_it(tmp_path: Path) -> None:
+    result = run_cli(tmp_path=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Galaxy10_DECals.h5" in last and "data=synthetic" in last
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_unknown_key_is_a_hydra_error_without_traceback(tmp_path: Path) -> None:
+    result = run_cli("model.chanels=[4,5,6,7]", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "model.chanels" in result.stderr and "Traceback" not in result.stderr
