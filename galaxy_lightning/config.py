@@ -81,6 +81,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise GalaxyError(f"unknown top-level config key '{unknown[0]}' (known: "
                           f"{', '.join(sorted(TOP_LEVEL_KEYS - {'hydra'}))}); remove it or fix its "
                           "spelling")
+    missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
+    if missing:
+        raise GalaxyError(f"config key '{missing[0]}' has no value (???); set it on the command "
+                          f"line, e.g. {missing[0]}=...")
     for group in ("data", "model", "optimizer", "trainer"):
         _require(group in cfg and isinstance(cfg[group], DictConfig) and "_target_" in cfg[group],
                  f"config group '{group}' is missing or has no _target_; choose one, e.g. "

@@ -62,3 +62,82 @@ def make_cfg(tmp_path: Path, data_dir: Path) -> Callable[..., DictConfig]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+# -- a local HTTP server for download tests (never the internet) ------------------------------
+import threading  # noqa: E402
+import time  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves ``files`` (url path -> bytes) on 127.0.0.1 with HTTP Range support.
+
+    Failure modes for tests: ``drop_after`` (bytes) cuts the next response's connection after
+    that many bytes; ``delay`` (seconds) stalls before every response.
+    """
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.drop_after: int | None = None
+        self.delay = 0.0
+        self.requests: list[tuple[str, str | None]] = []
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FileServer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Range")))
+        if srv.delay:
+            time.sleep(srv.delay)
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start = int(rng[6:].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            if srv.drop_after is not None:
+                cut, srv.drop_after = srv.drop_after, None
+                self.wfile.write(body[:cut])
+                self.wfile.flush()
+                self.connection.shutdown(2)  # the server drops the connection mid-file
+                return
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout tests)
+
+
+@pytest.fixture
+def http_server() -> FileServer:
+    server = FileServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

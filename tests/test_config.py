@@ -29,7 +29,8 @@ def test_every_option_of_every_group_composes_and_instantiates(
         group: str, make_cfg: Callable[..., DictConfig]) -> None:
     assert options(group), f"conf/{group} is empty"
     for option in options(group):
-        cfg = make_cfg(f"{group}={option}", tiny=False)
+        extra = ["data.source.path=mine.h5"] if (group, option) == ("data", "hdf5") else []
+        cfg = make_cfg(f"{group}={option}", *extra, tiny=False)
         validate_config(cfg)
         node = cfg[group]
         if group == "model":
@@ -97,7 +98,7 @@ def test_cli_refuses_bad_values_before_training(tmp_path: Path) -> None:
 
 
 def test_cli_default_without_galaxy10_says_where_to_put_it(tmp_path: Path) -> None:
-    result = run_cli(tmp_path=tmp_path)
+    result = run_cli("data.source.download=false", tmp_path=tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Galaxy10_DECals.h5" in last and "data=synthetic" in last

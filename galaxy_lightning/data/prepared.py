@@ -4,6 +4,7 @@ Layout (format version 1):
 - ``images``: uint8 ``(N, H, W, C)``, the pixels exactly as the model will see them before scaling;
 - ``labels``: int64 ``(N,)`` in ``0 .. K-1``;
 - ``split`` (optional): uint8 ``(N,)`` with 0 = train, 1 = val, 2 = test, when the source fixes the split;
+- ``source_index`` (optional): int64 ``(N,)``, the row of each image in the source file;
 - attributes ``format`` / ``format_version``, ``class_names`` (JSON list of K names) and
   ``provenance`` (JSON object: where the pixels came from and with which parameters).
 
@@ -73,6 +74,7 @@ class PreparedWriter:
         class_names: list[str],
         provenance: dict[str, Any],
         with_split: bool = False,
+        with_source_index: bool = False,
     ) -> None:
         if num_images <= 0:
             raise GalaxyError(f"{path}: refusing to write a prepared file with no images")
@@ -82,6 +84,7 @@ class PreparedWriter:
         self.class_names = [str(c) for c in class_names]
         self.provenance = provenance
         self.with_split = with_split
+        self.with_source_index = with_source_index
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._file: h5py.File | None = None
         self._rows = 0
@@ -96,13 +99,16 @@ class PreparedWriter:
         f.create_dataset("labels", (self.num_images,), dtype=np.int64)
         if self.with_split:
             f.create_dataset("split", (self.num_images,), dtype=np.uint8)
+        if self.with_source_index:
+            f.create_dataset("source_index", (self.num_images,), dtype=np.int64)
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["class_names"] = json.dumps(self.class_names)
         f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
         return self
 
-    def write(self, images: np.ndarray, labels: np.ndarray, split: np.ndarray | None = None) -> None:
+    def write(self, images: np.ndarray, labels: np.ndarray, split: np.ndarray | None = None,
+              source_index: np.ndarray | None = None) -> None:
         """Append a block of rows: images uint8 (n, H, W, C), labels (n,) in 0..K-1."""
         assert self._file is not None, "use PreparedWriter as a context manager"
         n = len(images)
@@ -120,6 +126,10 @@ class PreparedWriter:
             if split is None:
                 raise ValueError("this writer was opened with_split=True; pass split for every block")
             self._file["split"][self._rows:end] = split.astype(np.uint8)
+        if self.with_source_index:
+            if source_index is None:
+                raise ValueError("this writer was opened with_source_index=True; pass source_index")
+            self._file["source_index"][self._rows:end] = source_index.astype(np.int64)
         self._rows = end
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -215,10 +225,15 @@ def read_prepared(path: str | os.PathLike[str]) -> PreparedData:
 
 
 def provenance_matches(path: str | os.PathLike[str], expected: dict[str, Any]) -> bool:
-    """True when ``path`` is a valid prepared file made with exactly these parameters."""
+    """True when ``path`` is a valid prepared file whose provenance has these entries.
+
+    ``expected`` holds what determines the contents (source identity, parameters); the file's
+    provenance may add results (counts, duplicates dropped) that are not compared.
+    """
     try:
         info = read_info(path)
     except GalaxyError:
         return False
     # Round-trip through JSON so that tuples/lists and int/float spellings compare equal.
-    return info.provenance == json.loads(json.dumps(expected, sort_keys=True))
+    expected = json.loads(json.dumps(expected, sort_keys=True))
+    return all(info.provenance.get(key) == value for key, value in expected.items())

@@ -1,0 +1,150 @@
+"""Fetch a large file safely: streamed, resumable (HTTP Range), SHA256-verified, renamed when whole.
+
+The download goes to ``<name>.part`` beside the target. An interrupted transfer is resumed from
+the bytes already there (on the next attempt, or the next run). The file appears under its real
+name only after its SHA256 matches the published one, so a partial or corrupt file is never taken
+for a complete one. A verified file gets a small ``<name>.sha256`` marker (size, mtime, digest),
+so later runs do not hash 2.5 GB again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from galaxy_lightning.errors import GalaxyError
+
+CHUNK = 1 << 20
+
+
+def sha256_of(path: Path, progress: bool = False) -> str:
+    """SHA256 hex digest of a file, read in 1 MiB blocks."""
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                      desc=f"verifying {path.name}", disable=not progress) as bar:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _identity(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def file_sha256(path: Path, progress: bool = True) -> str:
+    """SHA256 of ``path``, cached in a marker file while the file's size and mtime are unchanged."""
+    marker = _marker(path)
+    try:
+        cached = json.loads(marker.read_text())
+        if cached.get("identity") == _identity(path):
+            return str(cached["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = sha256_of(path, progress)
+    try:
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps({"identity": _identity(path), "sha256": digest}))
+        os.replace(tmp, marker)
+    except OSError:
+        pass  # a read-only data directory: verify again next time
+    return digest
+
+
+def verify(path: Path, sha256: str | None, progress: bool = True) -> None:
+    """Raise a one-line error unless ``path`` has the expected SHA256 (None: no check)."""
+    if sha256 is None:
+        return
+    found = file_sha256(path, progress)
+    if found != sha256.lower():
+        raise GalaxyError(f"{path}: SHA256 {found[:16]}... does not match the published "
+                          f"{sha256[:16]}...; the file is incomplete or corrupt: delete it and run "
+                          "again to download it")
+
+
+def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
+    """Append the rest of ``url`` to ``part`` (resuming from its size); raises on any failure."""
+    from tqdm.auto import tqdm
+
+    start = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "galaxy_lightning"})
+    if start:
+        request.add_header("Range", f"bytes={start}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and start:  # nothing left to send: the part is already complete
+            return
+        raise
+    with response:
+        if start and response.status != 206:  # the server ignored Range: start again
+            start = 0
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        with open(part, "ab" if start else "wb") as out, \
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=f"downloading {part.name[:-5]}",
+                     disable=not progress) as bar:
+            received = 0
+            for block in iter(lambda: response.read(CHUNK), b""):
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+        if length is not None and received < int(length):
+            raise http.client.IncompleteRead(b"", int(length) - received)
+
+
+def download(urls: Sequence[str], target: Path, sha256: str | None, timeout: float = 60.0,
+             retries: int = 3, progress: bool = True) -> Path:
+    """Make ``target`` exist with the given SHA256, downloading it from the first URL that works.
+
+    Each URL gets ``retries`` attempts; every attempt resumes where the last one stopped.
+    """
+    target = Path(target)
+    if target.exists():
+        verify(target, sha256, progress)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    errors: list[str] = []
+    for url in urls:
+        fetched = False
+        for _ in range(max(1, retries)):
+            try:
+                _fetch(url, part, timeout, progress)
+                fetched = True
+                break
+            except urllib.error.HTTPError as err:
+                errors.append(f"{url}: HTTP {err.code}")
+                if err.code in (401, 403, 404, 410):
+                    break  # no use retrying this URL
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError,
+                    ConnectionError, OSError) as err:
+                errors.append(f"{url}: {getattr(err, 'reason', None) or err.__class__.__name__}")
+        if not fetched or not part.exists():
+            continue
+        found = sha256_of(part, progress)
+        if sha256 is not None and found != sha256.lower():
+            part.unlink()  # ours, and wrong: never resume from it
+            errors.append(f"{url}: SHA256 mismatch (got {found[:16]}...)")
+            continue
+        os.replace(part, target)
+        tmp = _marker(target).with_name(_marker(target).name + ".tmp")
+        tmp.write_text(json.dumps({"identity": _identity(target), "sha256": found}))
+        os.replace(tmp, _marker(target))
+        return target
+    reason = "; ".join(errors[-3:]) or "no URL given"
+    raise GalaxyError(f"could not download {target.name} ({reason}); download it by hand from "
+                      f"{urls[0] if urls else 'its publisher'} and put it at {target}")

@@ -1,0 +1,300 @@
+"""Convert an HDF5 file of labelled images into the prepared format (``data=hdf5``, and Galaxy10).
+
+One conversion serves every real-data source:
+
+1. check the source's keys, dtypes and shapes (one-line errors naming the file, key and fix);
+2. pick rows: optional de-duplication of repeated sky positions (``dedupe_keys``, e.g. ra/dec:
+   the same galaxy twice would leak between splits), class selection with relabelling to 0..K-1,
+   and a seeded draw of ``n_per_class`` images per class;
+3. stream the chosen rows in blocks aligned to the file's HDF5 chunks (a 2.5 GB source needs well
+   under 1 GB of memory), center-crop and optionally resize them, and convert float or grayscale
+   pixels to uint8 (N, H, W, C);
+4. write the prepared file atomically with provenance (source identity, parameters, counts), and
+   reuse it while the source and the parameters are unchanged.
+
+The source file is only ever opened read-only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, provenance_matches
+from galaxy_lightning.errors import GalaxyError
+
+PREPARATION_VERSION = 1
+
+
+def center_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """Central ``size`` x ``size`` window of (n, H, W, C) images."""
+    h, w = images.shape[1:3]
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[:, top:top + size, left:left + size]
+
+
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize (n, H, W, C) uint8 images to ``size`` x ``size`` (antialiased bilinear)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _decode_split(values: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """Split values 'train'/'val'/'test' (str or bytes) or 0/1/2 -> uint8 codes."""
+    if values.dtype.kind in "SOU":
+        text = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+        codes = np.full(len(text), 255, dtype=np.uint8)
+        for i, name in enumerate(SPLIT_NAMES):
+            codes[text == name] = i
+    elif values.dtype.kind in "iu":
+        codes = np.where((values >= 0) & (values <= 2), values, 255).astype(np.uint8)
+    else:
+        codes = np.full(len(values), 255, dtype=np.uint8)
+    if (codes == 255).any():
+        bad = values[np.flatnonzero(codes == 255)[0]]
+        bad = bad.decode() if isinstance(bad, bytes) else bad.item() if hasattr(bad, "item") else bad
+        raise GalaxyError(f"{path}: split key '{key}' holds {bad!r}; use 'train'/'val'/'test' or "
+                          "0/1/2")
+    return codes
+
+
+class HDF5Source:
+    """Data source: images and labels from an HDF5 file (a user's own, or Galaxy10's).
+
+    ``path`` is absolute or relative to the data directory. Images are (N, H, W) grayscale or
+    (N, H, W, C), uint8 or float (float pixels are multiplied by ``float_scale``, default 255,
+    i.e. taken to lie in [0, 1]). ``class_names`` lists a name for every label value; without it
+    the file's ``class_names`` attribute is used, then the label numbers. ``classes`` keeps and
+    relabels a subset of label values (in that order). ``split_key`` names an array of
+    'train'/'val'/'test' (or 0/1/2) that fixes the split instead of ``data.splits``.
+    """
+
+    def __init__(self, path: str, images_key: str = "images", labels_key: str = "labels",
+                 class_names: list[str] | None = None, classes: list[int] | None = None,
+                 n_per_class: int | None = None, crop: int | None = None,
+                 resize: int | None = None, split_key: str | None = None,
+                 dedupe_keys: list[str] | None = None, seed: int = 0,
+                 float_scale: float = 255.0, prepared_name: str | None = None) -> None:
+        for name, value in (("n_per_class", n_per_class), ("crop", crop), ("resize", resize)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise GalaxyError(f"data.source.{name}={value} must be a positive integer or null")
+        if split_key is not None and n_per_class is not None:
+            raise GalaxyError("data.source.n_per_class cannot be combined with data.source.split_key "
+                              "(the file fixes the split); set one of them to null")
+        self.path = path
+        self.images_key = images_key
+        self.labels_key = labels_key
+        self.class_names = list(class_names) if class_names is not None else None
+        self.classes = [int(c) for c in classes] if classes is not None else None
+        self.n_per_class = n_per_class
+        self.crop = crop
+        self.resize = resize
+        self.split_key = split_key
+        self.dedupe_keys = list(dedupe_keys) if dedupe_keys else None
+        self.seed = seed
+        self.float_scale = float_scale
+        self.prepared_name = prepared_name
+
+    # -- what subclasses change ----------------------------------------------------------------
+    def source_file(self, data_dir: Path, progress: bool = True) -> Path:
+        """The source file, present and (for published data) verified."""
+        path = Path(self.path)
+        path = path if path.is_absolute() else Path(data_dir) / path
+        if not path.is_file():
+            raise GalaxyError(f"{path} not found; set data.source.path to your HDF5 file (absolute, "
+                              "or relative to paths.data_dir)")
+        return path
+
+    def source_identity(self, source: Path) -> dict[str, Any]:
+        """What identifies the source's contents (a user's file: its name, size and mtime)."""
+        st = source.stat()
+        return {"file": source.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    # -- preparation ---------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"images_key": self.images_key, "labels_key": self.labels_key,
+                "class_names": self.class_names, "classes": self.classes,
+                "n_per_class": self.n_per_class, "crop": self.crop, "resize": self.resize,
+                "split_key": self.split_key, "dedupe_keys": self.dedupe_keys, "seed": self.seed,
+                "float_scale": self.float_scale, "version": PREPARATION_VERSION}
+
+    def prepared_path(self, data_dir: Path) -> Path:
+        return Path(data_dir) / (self.prepared_name or f"{Path(self.path).stem}.prepared.h5")
+
+    def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
+        """Return the prepared file, converting the source first if it is missing or stale."""
+        data_dir = Path(data_dir)
+        source = self.source_file(data_dir, progress)
+        expected = {"source": self.source_identity(source), "params": self.params}
+        target = self.prepared_path(data_dir)
+        if target.resolve() == source.resolve():
+            raise GalaxyError(f"{source}: data.source.prepared_name would overwrite the source; "
+                              "choose another name")
+        if provenance_matches(target, expected):
+            return target
+        self._convert(source, target, expected, progress)
+        return target
+
+    def _convert(self, source: Path, target: Path, expected: dict[str, Any], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            f = h5py.File(source, "r")
+        except OSError as err:
+            raise GalaxyError(f"{source}: not a readable HDF5 file (truncated or corrupt: {err}); "
+                              "replace it with a complete copy") from None
+        with f:
+            images, labels, names = self._check(source, f)
+            rows, new_labels, split, stats = self._select(source, f, labels, names)
+            n, h, w = len(rows), *images.shape[1:3]
+            channels = images.shape[3] if images.ndim == 4 else 1
+            side = self.crop or min(h, w)
+            if self.crop is not None and (self.crop > h or self.crop > w):
+                raise GalaxyError(f"{source}: data.source.crop={self.crop} is larger than the "
+                                  f"{h}x{w} images; lower it or set it to null")
+            if self.crop is None and h != w:
+                raise GalaxyError(f"{source}: images are {h}x{w}; set data.source.crop to a square "
+                                  f"size of at most {min(h, w)}")
+            out_side = self.resize or side
+            chosen_names = [names[c] for c in (self.classes or range(len(names)))]
+            provenance = {**expected, "counts": stats,
+                          "class_names": chosen_names}
+            block = max(1, (images.chunks or (64,))[0])
+            block *= max(1, 128 // block)
+            with PreparedWriter(target, n, (out_side, out_side, channels), chosen_names, provenance,
+                                with_split=split is not None, with_source_index=True) as writer, \
+                    tqdm(total=n, unit="img", desc=f"preparing {target.name}",
+                         disable=not progress) as bar:
+                starts = np.searchsorted(rows, np.arange(0, images.shape[0] + block, block))
+                for b, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+                    if lo == hi:
+                        continue
+                    first = b * block
+                    try:
+                        chunk = images[first:min(first + block, images.shape[0])]
+                    except OSError as err:
+                        raise GalaxyError(f"{source}: reading rows {first}.. of '{self.images_key}' "
+                                          f"failed (truncated or corrupt: {err}); replace the "
+                                          "file with a complete copy") from None
+                    pixels = self._to_uint8(chunk[rows[lo:hi] - first], source, rows[lo:hi])
+                    if self.crop is not None or h != side:
+                        pixels = center_crop(pixels, side)
+                    if self.resize is not None and self.resize != side:
+                        pixels = resize_uint8(pixels, self.resize)
+                    writer.write(np.ascontiguousarray(pixels), new_labels[lo:hi],
+                                 split[lo:hi] if split is not None else None, rows[lo:hi])
+                    bar.update(hi - lo)
+
+    def _check(self, source: Path, f: h5py.File) -> tuple[h5py.Dataset, np.ndarray, list[str]]:
+        keys = ", ".join(sorted(f.keys()))
+        for key, what in ((self.images_key, "images_key"), (self.labels_key, "labels_key")):
+            if key not in f or not isinstance(f[key], h5py.Dataset):
+                raise GalaxyError(f"{source}: key '{key}' not found (keys: {keys}); set "
+                                  f"data.source.{what}")
+        images = f[self.images_key]
+        if images.ndim not in (3, 4) or images.shape[0] == 0:
+            raise GalaxyError(f"{source}: '{self.images_key}' has shape {images.shape}; expected "
+                              "(N, H, W) or (N, H, W, C) with N > 0")
+        if not (images.dtype == np.uint8 or images.dtype.kind == "f"):
+            raise GalaxyError(f"{source}: '{self.images_key}' is {images.dtype}; expected uint8 or "
+                              "float pixels")
+        try:
+            labels = f[self.labels_key][...]
+        except OSError as err:
+            raise GalaxyError(f"{source}: reading '{self.labels_key}' failed (truncated or corrupt: "
+                              f"{err}); replace the file with a complete copy") from None
+        if labels.shape != (images.shape[0],):
+            raise GalaxyError(f"{source}: '{self.labels_key}' has shape {labels.shape}; expected "
+                              f"({images.shape[0]},), one label per image")
+        if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        if labels.dtype.kind not in "iu":
+            raise GalaxyError(f"{source}: '{self.labels_key}' holds non-integer labels "
+                              f"({labels.dtype}); labels must be class numbers 0..K-1")
+        labels = labels.astype(np.int64)
+        names = self.class_names
+        if names is None and "class_names" in f.attrs:
+            raw = f.attrs["class_names"]
+            names = [str(x.decode() if isinstance(x, bytes) else x) for x in
+                     (np.atleast_1d(raw) if not isinstance(raw, str) else json.loads(raw))]
+        if names is None:
+            names = [str(i) for i in range(int(labels.max()) + 1)]
+        if labels.min() < 0 or labels.max() >= len(names):
+            raise GalaxyError(f"{source}: labels span {labels.min()}..{labels.max()} but there are "
+                              f"{len(names)} class names; fix the labels or data.source.class_names")
+        for c in self.classes or []:
+            if not 0 <= c < len(names):
+                raise GalaxyError(f"data.source.classes has {c}, not a label of {source} "
+                                  f"(0..{len(names) - 1})")
+        return images, labels, names
+
+    def _select(self, source: Path, f: h5py.File, labels: np.ndarray, names: list[str]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """Rows to keep (sorted), their new labels, their split codes, and counts for provenance."""
+        keep = np.ones(len(labels), dtype=bool)
+        duplicates = 0
+        if self.dedupe_keys:
+            for key in self.dedupe_keys:
+                if key not in f:
+                    raise GalaxyError(f"{source}: de-duplication key '{key}' not found; set "
+                                      "data.source.dedupe_keys (or null)")
+            position = np.stack([np.asarray(f[k][...], dtype=np.float64) for k in self.dedupe_keys], 1)
+            _, first = np.unique(position, axis=0, return_index=True)
+            unique = np.zeros(len(labels), dtype=bool)
+            unique[first] = True
+            duplicates = int((~unique).sum())
+            keep &= unique
+        classes = self.classes if self.classes is not None else list(range(len(names)))
+        relabel = np.full(len(names), -1, dtype=np.int64)
+        relabel[classes] = np.arange(len(classes))
+        keep &= relabel[labels] >= 0
+        rng = np.random.default_rng(self.seed)
+        chosen: list[np.ndarray] = []
+        available = {}
+        for c in classes:
+            rows = np.flatnonzero(keep & (labels == c))
+            available[names[c]] = int(len(rows))
+            if self.n_per_class is not None:
+                if len(rows) < self.n_per_class:
+                    raise GalaxyError(
+                        f"{source}: class {c} ({names[c]}) has {len(rows)} images"
+                        f"{' after de-duplication' if self.dedupe_keys else ''}, fewer than "
+                        f"data.source.n_per_class={self.n_per_class}; lower it")
+                rows = rng.choice(rows, self.n_per_class, replace=False)
+            chosen.append(rows)
+        rows = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+        if len(rows) == 0:
+            raise GalaxyError(f"{source}: no images left after selecting classes {classes}; check "
+                              "data.source.classes")
+        split = None
+        if self.split_key is not None:
+            if self.split_key not in f:
+                raise GalaxyError(f"{source}: split key '{self.split_key}' not found; set "
+                                  "data.source.split_key (or null)")
+            split = _decode_split(np.asarray(f[self.split_key][...]), source, self.split_key)[rows]
+        new_labels = relabel[labels[rows]]
+        stats = {"source_rows": int(len(labels)), "duplicates_dropped": duplicates,
+                 "available_per_class": available,
+                 "kept_per_class": {names[c]: int((new_labels == i).sum())
+                                    for i, c in enumerate(classes)}}
+        return rows.astype(np.int64), new_labels, split, stats
+
+    def _to_uint8(self, pixels: np.ndarray, source: Path, source_rows: np.ndarray) -> np.ndarray:
+        if pixels.ndim == 3:
+            pixels = pixels[..., None]
+        if pixels.dtype == np.uint8:
+            return pixels
+        finite = np.isfinite(pixels)
+        if not finite.all():
+            bad = int(np.argwhere(~finite.reshape(len(pixels), -1).all(1))[0, 0])
+            raise GalaxyError(f"{source}: '{self.images_key}' has NaN or infinite pixels (row "
+                              f"{source_rows[bad]}); clean the file or drop those rows")
+        return np.clip(np.rint(pixels.astype(np.float32) * self.float_scale), 0, 255).astype(np.uint8)
