@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install test test-fast quickstart preview tensorboard clean
+.PHONY: help install test test-fast quickstart preview tensorboard bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,3 +28,6 @@ tensorboard:  ## dashboards of every run under logs/
 
 clean:  ## remove run outputs (logs/), keep data/
 	rm -rf logs outputs multirun .pytest_cache
+
+bench:  ## the benchmark: tutorial loop vs train.py (float32 and perf=fast), data preparation
+	$(PYTHON) -m galaxy_lightning.bench

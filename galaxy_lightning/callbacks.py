@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +116,42 @@ class RunArtifacts(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(tag, image, step, dataformats="HWC")
+
+
+class StepTimer(L.Callback):
+    """Wall-clock timing of training steps, written to a JSON file at the end of training.
+
+    Records when each training step ended (``time.time()``), so a caller that knows when the
+    process started gets the time to the first step, and the steady-state cost per step
+    (validation, checkpointing and logging included, amortised) after ``warmup_steps``.
+    ``python train.py +callbacks.step_timer._target_=galaxy_lightning.callbacks.StepTimer``
+    adds it to any run; the benchmark does so.
+    """
+
+    def __init__(self, output_file: str, warmup_steps: int = 20) -> None:
+        self.output_file = Path(output_file)
+        self.warmup_steps = warmup_steps
+        self.step_end: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self.step_end.append(time.time())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.step_end:
+            return
+        t = self.step_end
+        warm = min(self.warmup_steps, len(t) - 1)
+        steady = (t[-1] - t[warm]) / max(1, len(t) - 1 - warm)
+        batch = trainer.datamodule.batch_size if trainer.datamodule is not None else None
+        summary = {
+            "steps": len(t),
+            "first_step_end": t[0],
+            "ms_per_step": 1e3 * steady,
+            "images_per_s": batch / steady if batch and steady > 0 else None,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "precision": str(trainer.precision),
+            "compiled": bool(getattr(pl_module.hparams, "compile", False)),
+        }
+        self.output_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.output_file, json.dumps(summary, indent=2))

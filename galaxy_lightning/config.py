@@ -21,8 +21,9 @@ from galaxy_lightning.errors import GalaxyError
 #: Top-level keys of ``conf/train.yaml`` (plus ``hydra``, which Hydra adds).
 TOP_LEVEL_KEYS = frozenset({
     "task_name", "seed", "ckpt_path", "train", "test", "optimized_metric",
-    "paths", "data", "model", "optimizer", "trainer", "logger", "callbacks", "hydra",
+    "paths", "data", "model", "optimizer", "trainer", "logger", "callbacks", "perf", "hydra",
 })
+PERF_KEYS = frozenset({"compile", "threads", "matmul_precision", "tune_malloc"})
 #: Arguments that the training code fills in; a config must not set them.
 FILLED_IN = {
     "model": {"in_channels", "num_classes", "image_size"},
@@ -94,6 +95,13 @@ def validate_config(cfg: DictConfig) -> None:
         if cfg.get(group):
             for name in cfg[group]:
                 _check_keys(cfg[group]._get_node(name), f"{group}.{name}")
+
+    perf = cfg.get("perf") or {}
+    for key in perf:
+        _require(key in PERF_KEYS, f"unknown config key 'perf.{key}' (known: "
+                                   f"{', '.join(sorted(PERF_KEYS))}); remove it or fix its spelling")
+    _require(perf.get("threads") is None or (isinstance(perf.threads, int) and perf.threads >= 1),
+             f"perf.threads={perf.get('threads')} must be a positive integer or null")
 
     data = cfg.data
     for key in ("batch_size", "eval_batch_size"):

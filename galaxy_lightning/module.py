@@ -65,7 +65,7 @@ class GalaxyClassifier(L.LightningModule):
 
     def __init__(self, model: dict[str, Any], optimizer: dict[str, Any], num_classes: int,
                  class_names: list[str], in_channels: int, image_size: int,
-                 scale: float = 1.0 / 256.0) -> None:
+                 scale: float = 1.0 / 256.0, compile: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net: nn.Module = instantiate(model, in_channels=in_channels, num_classes=num_classes,
@@ -78,6 +78,14 @@ class GalaxyClassifier(L.LightningModule):
         self.val_acc_best.persistent(True)  # survives a resume from a checkpoint
         #: Results of the last test epoch (accuracy, per-class accuracy, confusion matrix).
         self.test_report: dict[str, Any] | None = None
+        self._train_forward: Any = None
+
+    def setup(self, stage: str) -> None:
+        # Only the training forward is compiled: evaluation batches have other shapes and no
+        # autograd, and would each cost a recompilation for little gain. A compiled function
+        # (not a submodule) keeps the state_dict keys, so checkpoints are the same in both modes.
+        if self.hparams.compile and stage == "fit" and self._train_forward is None:
+            self._train_forward = torch.compile(self.net.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, K) of float images (N, C, H, W)."""
@@ -91,7 +99,7 @@ class GalaxyClassifier(L.LightningModule):
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = (self._train_forward or self.net)(images)
         loss = self.risk(logits, labels)
         self.train_acc.update(logits.detach().argmax(1), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from galaxy_lightning import perf
 from galaxy_lightning.config import validate_config
 from galaxy_lightning.data.datamodule import GalaxyDataModule
 from galaxy_lightning.errors import GalaxyError
@@ -57,7 +58,7 @@ def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Traine
     module = GalaxyClassifier(model=_container(cfg.model), optimizer=_container(cfg.optimizer),
                               num_classes=info.num_classes, class_names=info.class_names,
                               in_channels=info.channels, image_size=info.height,
-                              scale=float(datamodule.scale))
+                              scale=float(datamodule.scale), compile=bool(cfg.perf.compile))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers: list[Logger] = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()
                              if lg is not None]
@@ -73,6 +74,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (output_dir / "config.yaml").write_text(
         OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"}, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    perf.apply(cfg.perf.get("tune_malloc", True), cfg.perf.get("threads"),
+               cfg.perf.get("matmul_precision"))
 
     datamodule, module, trainer = build(cfg)
     log.info("model %s: %d parameters; data %s (%d images, %dx%dx%d, %d classes)",

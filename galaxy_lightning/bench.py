@@ -1,0 +1,252 @@
+"""The project's benchmark: ``python -m galaxy_lightning.bench`` (or ``make bench``).
+
+Runs side by side, on this machine, in one invocation:
+
+- the course tutorial's own training loop as the course wrote it (the baseline): all images as
+  float32 NHWC, transposed to NCHW views, random batches of 200, Adam, training and validation
+  accuracy every 100 iterations, the best parameters kept;
+- the project's training through the real ``train.py`` (Lightning Trainer, validation every 100
+  steps, checkpoints, TensorBoard) with the tutorial config, in the default float32 mode and in
+  the fast mode (``perf=fast``);
+
+each in its own process, and prints the steady-state ms per step, images per second, peak
+resident memory, time from process start to the end of the first training step, and the ratios
+to the baseline. It also times the synthetic simulator and the preparation of the Galaxy10
+DECaLS subset from a full-size file of the real layout (17,736 x 256x256x3, per-image gzip chunks;
+generated once into ``<data-dir>/bench/`` and reused).
+
+Figures are printed and saved as JSON; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Galaxy10 DECaLS class counts (REFERENCE.md), for the full-size look-alike file.
+DECALS_COUNTS = (1081, 1853, 2645, 2027, 334, 2043, 1829, 2628, 1423, 1873)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- workers (run in their own processes) ----------------------------------------------------------
+def tutorial_loop(data_path: Path, steps: int, out: Path, eval_every: int = 100, seed: int = 0) -> None:
+    """The course's loop: float NHWC arrays in memory, random batches, Adam, keep the best."""
+    from galaxy_lightning.data.datamodule import resolve_split_sizes
+    from galaxy_lightning.data.prepared import read_prepared
+    from galaxy_lightning.models import TutorialCNN
+
+    torch.manual_seed(seed)
+    data = read_prepared(data_path)
+    sizes = resolve_split_sizes([10000, 1600, 1000], len(data.labels), data_path)
+    order = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))
+    x = torch.from_numpy(data.images).float() / 256  # float32 NHWC, as the notebook held them
+    y = torch.from_numpy(data.labels)
+    train_idx, val_idx = order[:sizes[0]], order[sizes[0]:sizes[0] + sizes[1]]
+    x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    del x
+    model = TutorialCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((model(images.permute(0, 3, 1, 2)).argmax(1) == labels).float().mean())
+
+    best, best_state, step_end = -1.0, None, []
+    for it in range(1, steps + 1):
+        idx = torch.randint(0, len(y_train), (200,))
+        loss = F.cross_entropy(model(x_train[idx].permute(0, 3, 1, 2)), y_train[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if it % eval_every == 0:
+            accuracy(x_train[:len(y_val)], y_train[:len(y_val)])
+            val = accuracy(x_val, y_val)
+            if val > best:
+                best, best_state = val, copy.deepcopy(model.state_dict())
+        step_end.append(time.time())
+    warm = min(20, len(step_end) - 1)
+    steady = (step_end[-1] - step_end[warm]) / max(1, len(step_end) - 1 - warm)
+    out.write_text(json.dumps({"steps": steps, "first_step_end": step_end[0], "ms_per_step": 1e3 * steady,
+                               "images_per_s": 200 / steady, "peak_rss_mb": _peak_rss_mb(),
+                               "val_acc_best": best}))
+
+
+def prepare_worker(source: Path, data_dir: Path, out: Path) -> None:
+    """Prepare the tutorial subset from ``source`` (no checksum: a look-alike file)."""
+    from galaxy_lightning.data.galaxy10 import Galaxy10DECaLS
+
+    t0 = time.perf_counter()
+    path = Galaxy10DECaLS(filename=str(source), urls=[], sha256=None, download=False,
+                          prepared_name="bench_prepared.h5").prepare(data_dir, progress=False)
+    elapsed = time.perf_counter() - t0
+    out.write_text(json.dumps({"seconds": elapsed, "peak_rss_mb": _peak_rss_mb(), "path": str(path)}))
+
+
+# -- the full-size look-alike of Galaxy10_DECals.h5 -----------------------------------------------
+def write_fullsize_decals(path: Path, synthetic: Path, duplicates: int = 59, seed: int = 0) -> float:
+    """17,736 images of 256x256x3 with the real keys, dtypes and class counts; returns seconds.
+
+    Pixels: simulated 96 px galaxies upsampled to 256 px plus noise (compresses about as badly
+    as the real JPEG-derived cutouts). Chunks of one image, gzip level 4 (our assumption of
+    "like the original": the real file's chunking is not documented).
+    """
+    import h5py
+
+    from galaxy_lightning.data.prepared import read_prepared
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    src = read_prepared(synthetic).images
+    labels = np.concatenate([np.full(n, k, dtype=np.uint8) for k, n in enumerate(DECALS_COUNTS)])
+    rng.shuffle(labels)
+    n = len(labels)
+    ra, dec = rng.uniform(0, 360, n), rng.uniform(-30, 80, n)
+    pool = np.flatnonzero(np.isin(labels, [2, 7]))  # classes with images to spare
+    pairs = rng.choice(pool, 2 * duplicates, replace=False).reshape(2, -1)
+    ra[pairs[1]], dec[pairs[1]] = ra[pairs[0]], dec[pairs[0]]
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(tmp, "w") as f:
+        images = f.create_dataset("images", (n, 256, 256, 3), dtype=np.uint8, chunks=(1, 256, 256, 3),
+                                  compression="gzip", compression_opts=4)
+        block = 256
+        for start in range(0, n, block):
+            rows = np.arange(start, min(start + block, n))
+            small = torch.from_numpy(src[rows % len(src)]).permute(0, 3, 1, 2).float()
+            big = F.interpolate(small, size=(256, 256), mode="bilinear", align_corners=False)
+            big += torch.randn(big.shape, generator=torch.Generator().manual_seed(start)) * 6
+            images[start:start + len(rows)] = big.clamp_(0, 255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        f.create_dataset("ans", data=labels)
+        f.create_dataset("ra", data=ra)
+        f.create_dataset("dec", data=dec)
+        z = rng.uniform(0, 0.3, n)
+        z[rng.random(n) < 0.1] = np.nan
+        f.create_dataset("redshift", data=z)
+        f.create_dataset("pxscale", data=np.full(n, 0.262))
+    os.replace(tmp, path)
+    return time.perf_counter() - t0
+
+
+# -- the driver --------------------------------------------------------------------------------------
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def _timed_process(cmd: list[str], result: Path) -> dict[str, Any]:
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    out = json.loads(result.read_text())
+    out["wall_s"] = time.time() - start
+    if "first_step_end" in out:
+        out["first_step_s"] = out["first_step_end"] - start
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="galaxy_lightning benchmark (prints figures)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per run (600)")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where data sets are cached")
+    parser.add_argument("--out-dir", default=str(ROOT / "logs" / "bench"), help="results and runs")
+    parser.add_argument("--skip-prepare", action="store_true", help="skip the Galaxy10 preparation timing")
+    parser.add_argument("--worker", choices=["tutorial", "prepare"], help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir).resolve()
+    if args.worker == "tutorial":
+        return tutorial_loop(Path(args.source), args.steps, Path(args.result))
+    if args.worker == "prepare":
+        return prepare_worker(Path(args.source), data_dir / "bench", Path(args.result))
+
+    from galaxy_lightning.data.synthetic import SyntheticGalaxies, simulate
+
+    out_dir = Path(args.out_dir).resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": _machine(), "steps": args.steps}
+    print(f"machine: {report['machine']}\n", flush=True)
+
+    # 1. the simulator
+    source = SyntheticGalaxies()
+    t0 = time.perf_counter()
+    simulate(100, 96, seed=12345)
+    per_image = (time.perf_counter() - t0) / 700
+    synthetic = source.prepare(data_dir)
+    report["simulator"] = {"ms_per_image": 1e3 * per_image, "s_for_12600": 12600 * per_image}
+    print(f"simulator: {1e3 * per_image:.2f} ms/image -> {12600 * per_image:.1f} s for the "
+          "12,600-image set (one core)", flush=True)
+
+    # 2. training runs
+    runs: dict[str, dict[str, Any]] = {}
+    res = out_dir / "tutorial.json"
+    runs["tutorial loop (baseline)"] = _timed_process(
+        [sys.executable, "-m", "galaxy_lightning.bench", "--worker", "tutorial", "--steps",
+         str(args.steps), "--source", str(synthetic), "--result", str(res)], res)
+    for name, extra in (("train.py float32", []), ("train.py perf=fast", ["perf=fast"])):
+        tag = "fast" if extra else "f32"
+        res = out_dir / f"{tag}.json"
+        runs[name] = _timed_process(
+            [sys.executable, str(ROOT / "train.py"), "experiment=tutorial_synthetic", *extra,
+             f"trainer.max_steps={args.steps}", f"paths.data_dir={data_dir}",
+             f"hydra.run.dir={out_dir / tag}", "~callbacks.progress_bar",
+             "+callbacks.step_timer._target_=galaxy_lightning.callbacks.StepTimer",
+             f"+callbacks.step_timer.output_file={res}"], res)
+    base = runs["tutorial loop (baseline)"]
+    print(f"\n{'run':28s} {'ms/step':>8s} {'img/s':>8s} {'x base':>7s} {'peak MB':>8s} "
+          f"{'1st step s':>10s} {'wall s':>7s}")
+    for name, r in runs.items():
+        r["speedup"] = base["ms_per_step"] / r["ms_per_step"]
+        print(f"{name:28s} {r['ms_per_step']:8.1f} {r['images_per_s']:8.0f} {r['speedup']:7.2f} "
+              f"{r['peak_rss_mb']:8.0f} {r['first_step_s']:10.1f} {r['wall_s']:7.1f}")
+    full = {name: 10000 * r["ms_per_step"] / 1e3 / 60 for name, r in runs.items()}
+    print("projected 10,000 steps: " + ", ".join(f"{k} {v:.1f} min" for k, v in full.items()))
+    report["runs"] = runs
+
+    # 3. Galaxy10 preparation from a full-size file
+    if not args.skip_prepare:
+        big = data_dir / "bench" / "Galaxy10_DECals_fullsize.h5"
+        if not big.exists():
+            print("\nwriting the full-size Galaxy10 look-alike once (reused later) ...", flush=True)
+            report["fullsize_write_s"] = write_fullsize_decals(big, synthetic)
+            print(f"  {report['fullsize_write_s']:.0f} s, {big.stat().st_size / 1e9:.2f} GB", flush=True)
+        (data_dir / "bench" / "bench_prepared.h5").unlink(missing_ok=True)
+        res = out_dir / "prepare.json"
+        prep = _timed_process([sys.executable, "-m", "galaxy_lightning.bench", "--worker", "prepare",
+                               "--source", str(big), "--data-dir", str(data_dir), "--result", str(res)], res)
+        report["prepare_galaxy10"] = prep
+        print(f"\nGalaxy10 subset from a full-size file ({big.stat().st_size / 1e9:.2f} GB): "
+              f"{prep['seconds']:.1f} s, peak RSS {prep['peak_rss_mb']:.0f} MB")
+
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    print(f"\nresults: {out_dir / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
