@@ -15,7 +15,9 @@ to the baseline. It also times the synthetic simulator and the preparation of th
 DECaLS subset from a full-size file of the real layout (17,736 x 256x256x3, per-image gzip chunks;
 generated once into ``<data-dir>/bench/`` and reused).
 
-Figures are printed and saved as JSON; nothing here asserts a time.
+Figures are printed and saved as JSON; nothing here asserts a time. The driver itself imports
+no torch and holds no data: peak RSS survives ``execve`` on Linux, so a worker started from a
+large parent would report the parent's size as its own.
 """
 
 from __future__ import annotations
@@ -29,12 +31,9 @@ import resource
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Galaxy10 DECaLS class counts (REFERENCE.md), for the full-size look-alike file.
@@ -48,6 +47,9 @@ def _peak_rss_mb() -> float:
 # -- workers (run in their own processes) ----------------------------------------------------------
 def tutorial_loop(data_path: Path, steps: int, out: Path, eval_every: int = 100, seed: int = 0) -> None:
     """The course's loop: float NHWC arrays in memory, random batches, Adam, keep the best."""
+    import torch
+    import torch.nn.functional as F
+
     from galaxy_lightning.data.datamodule import resolve_split_sizes
     from galaxy_lightning.data.prepared import read_prepared
     from galaxy_lightning.models import TutorialCNN
@@ -64,7 +66,7 @@ def tutorial_loop(data_path: Path, steps: int, out: Path, eval_every: int = 100,
     model = TutorialCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    def accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+    def accuracy(images: "torch.Tensor", labels: "torch.Tensor") -> float:
         with torch.no_grad():
             return float((model(images.permute(0, 3, 1, 2)).argmax(1) == labels).float().mean())
 
@@ -88,6 +90,22 @@ def tutorial_loop(data_path: Path, steps: int, out: Path, eval_every: int = 100,
                                "val_acc_best": best}))
 
 
+def simulate_worker(data_dir: Path, out: Path) -> None:
+    """Time the simulator on 700 images, then make sure the 12,600-image set is prepared."""
+    from galaxy_lightning.data.synthetic import SyntheticGalaxies, simulate
+
+    t0 = time.perf_counter()
+    simulate(100, 96, seed=12345)
+    per_image = (time.perf_counter() - t0) / 700
+    path = SyntheticGalaxies().prepare(data_dir, progress=False)
+    out.write_text(json.dumps({"ms_per_image": 1e3 * per_image, "s_for_12600": 12600 * per_image,
+                               "path": str(path)}))
+
+
+def fullsize_worker(path: Path, synthetic: Path, out: Path) -> None:
+    out.write_text(json.dumps({"seconds": write_fullsize_decals(path, synthetic)}))
+
+
 def prepare_worker(source: Path, data_dir: Path, out: Path) -> None:
     """Prepare the tutorial subset from ``source`` (no checksum: a look-alike file)."""
     from galaxy_lightning.data.galaxy10 import Galaxy10DECaLS
@@ -108,6 +126,9 @@ def write_fullsize_decals(path: Path, synthetic: Path, duplicates: int = 59, see
     "like the original": the real file's chunking is not documented).
     """
     import h5py
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
 
     from galaxy_lightning.data.prepared import read_prepared
 
@@ -154,8 +175,8 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return (f"{cpu}, {os.cpu_count()} cores, torch {version('torch')}, "
+            f"Python {platform.python_version()}")
 
 
 def _timed_process(cmd: list[str], result: Path) -> dict[str, Any]:
@@ -176,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where data sets are cached")
     parser.add_argument("--out-dir", default=str(ROOT / "logs" / "bench"), help="results and runs")
     parser.add_argument("--skip-prepare", action="store_true", help="skip the Galaxy10 preparation timing")
-    parser.add_argument("--worker", choices=["tutorial", "prepare"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["tutorial", "prepare", "simulate", "fullsize"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -185,30 +207,31 @@ def main(argv: list[str] | None = None) -> None:
         return tutorial_loop(Path(args.source), args.steps, Path(args.result))
     if args.worker == "prepare":
         return prepare_worker(Path(args.source), data_dir / "bench", Path(args.result))
+    if args.worker == "simulate":
+        return simulate_worker(data_dir, Path(args.result))
+    if args.worker == "fullsize":
+        return fullsize_worker(data_dir / "bench" / "Galaxy10_DECals_fullsize.h5", Path(args.source),
+                               Path(args.result))
 
-    from galaxy_lightning.data.synthetic import SyntheticGalaxies, simulate
-
+    me = [sys.executable, "-m", "galaxy_lightning.bench", "--data-dir", str(data_dir)]
     out_dir = Path(args.out_dir).resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "steps": args.steps}
     print(f"machine: {report['machine']}\n", flush=True)
 
     # 1. the simulator
-    source = SyntheticGalaxies()
-    t0 = time.perf_counter()
-    simulate(100, 96, seed=12345)
-    per_image = (time.perf_counter() - t0) / 700
-    synthetic = source.prepare(data_dir)
-    report["simulator"] = {"ms_per_image": 1e3 * per_image, "s_for_12600": 12600 * per_image}
-    print(f"simulator: {1e3 * per_image:.2f} ms/image -> {12600 * per_image:.1f} s for the "
+    res = out_dir / "simulate.json"
+    sim = report["simulator"] = _timed_process([*me, "--worker", "simulate", "--result", str(res)], res)
+    synthetic = Path(sim["path"])
+    print(f"simulator: {sim['ms_per_image']:.2f} ms/image -> {sim['s_for_12600']:.1f} s for the "
           "12,600-image set (one core)", flush=True)
 
     # 2. training runs
     runs: dict[str, dict[str, Any]] = {}
     res = out_dir / "tutorial.json"
     runs["tutorial loop (baseline)"] = _timed_process(
-        [sys.executable, "-m", "galaxy_lightning.bench", "--worker", "tutorial", "--steps",
-         str(args.steps), "--source", str(synthetic), "--result", str(res)], res)
+        [*me, "--worker", "tutorial", "--steps", str(args.steps), "--source", str(synthetic),
+         "--result", str(res)], res)
     for name, extra in (("train.py float32", []), ("train.py perf=fast", ["perf=fast"])):
         tag = "fast" if extra else "f32"
         res = out_dir / f"{tag}.json"
@@ -234,12 +257,13 @@ def main(argv: list[str] | None = None) -> None:
         big = data_dir / "bench" / "Galaxy10_DECals_fullsize.h5"
         if not big.exists():
             print("\nwriting the full-size Galaxy10 look-alike once (reused later) ...", flush=True)
-            report["fullsize_write_s"] = write_fullsize_decals(big, synthetic)
+            res = out_dir / "fullsize.json"
+            report["fullsize_write_s"] = _timed_process(
+                [*me, "--worker", "fullsize", "--source", str(synthetic), "--result", str(res)], res)["seconds"]
             print(f"  {report['fullsize_write_s']:.0f} s, {big.stat().st_size / 1e9:.2f} GB", flush=True)
         (data_dir / "bench" / "bench_prepared.h5").unlink(missing_ok=True)
         res = out_dir / "prepare.json"
-        prep = _timed_process([sys.executable, "-m", "galaxy_lightning.bench", "--worker", "prepare",
-                               "--source", str(big), "--data-dir", str(data_dir), "--result", str(res)], res)
+        prep = _timed_process([*me, "--worker", "prepare", "--source", str(big), "--result", str(res)], res)
         report["prepare_galaxy10"] = prep
         print(f"\nGalaxy10 subset from a full-size file ({big.stat().st_size / 1e9:.2f} GB): "
               f"{prep['seconds']:.1f} s, peak RSS {prep['peak_rss_mb']:.0f} MB")

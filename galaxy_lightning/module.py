@@ -61,11 +61,19 @@ class _EvalMetrics(nn.Module):
 
 
 class GalaxyClassifier(L.LightningModule):
-    """Trains ``model`` (a config dict with ``_target_``) with ``optimizer`` (likewise)."""
+    """Trains ``model`` (a config dict with ``_target_``) with ``optimizer`` (likewise).
+
+    The checkpoint also carries what evaluation and prediction need to see data exactly as in
+    training: ``data`` (the resolved data config: source, splits, seeds), the preprocessing of
+    the source images (``crop``, then ``resize``), the pixel ``scale``, the input geometry
+    (``in_channels``, ``image_size``) and the ``class_names``.
+    """
 
     def __init__(self, model: dict[str, Any], optimizer: dict[str, Any], num_classes: int,
                  class_names: list[str], in_channels: int, image_size: int,
-                 scale: float = 1.0 / 256.0, compile: bool = False) -> None:
+                 scale: float = 1.0 / 256.0, compile: bool = False,
+                 data: dict[str, Any] | None = None, crop: int | None = None,
+                 resize: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net: nn.Module = instantiate(model, in_channels=in_channels, num_classes=num_classes,

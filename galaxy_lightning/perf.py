@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 import torch
@@ -37,11 +38,32 @@ def tune_malloc(mmap_threshold: int = 1 << 30) -> bool:
     return ok
 
 
+def parallel_job_threads() -> int | None:
+    """Threads per job when Hydra's joblib launcher runs jobs side by side on this machine.
+
+    ``n_jobs`` processes that each use every core would fight over them (on 2 cores, 2 jobs of
+    2 threads run slower than 1 job); each job gets ``cores // n_jobs`` threads instead.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+    except (ValueError, ImportError, AttributeError):
+        return None
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return None
+    cores = os.cpu_count() or 1
+    n_jobs = int(launcher.get("n_jobs", -1) or -1)
+    running = min(n_jobs, cores) if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    return max(1, cores // running)
+
+
 def apply(tune_malloc_enabled: bool = True, threads: int | None = None,
           matmul_precision: str | None = None) -> None:
     """Apply the ``perf`` settings of a run config to this process."""
     if tune_malloc_enabled and not tune_malloc():
         log.info("perf.tune_malloc: not a glibc system, allocator left as is")
+    threads = threads or parallel_job_threads()
     if threads:
         torch.set_num_threads(int(threads))
     if matmul_precision:

@@ -58,7 +58,10 @@ def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Traine
     module = GalaxyClassifier(model=_container(cfg.model), optimizer=_container(cfg.optimizer),
                               num_classes=info.num_classes, class_names=info.class_names,
                               in_channels=info.channels, image_size=info.height,
-                              scale=float(datamodule.scale), compile=bool(cfg.perf.compile))
+                              scale=float(datamodule.scale), compile=bool(cfg.perf.compile),
+                              data=_container(cfg.data),
+                              crop=getattr(datamodule.source, "crop", None),
+                              resize=getattr(datamodule.source, "resize", None))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers: list[Logger] = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()
                              if lg is not None]
@@ -78,6 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                cfg.perf.get("matmul_precision"))
 
     datamodule, module, trainer = build(cfg)
+    log.info("torch %s, %d threads, precision %s, compile %s", torch.__version__,
+             torch.get_num_threads(), cfg.trainer.get("precision"), bool(cfg.perf.compile))
     log.info("model %s: %d parameters; data %s (%d images, %dx%dx%d, %d classes)",
              cfg.model._target_, sum(p.numel() for p in module.parameters() if p.requires_grad),
              datamodule.path, datamodule.info.num_images, datamodule.info.height,

@@ -47,7 +47,9 @@ def test_every_option_of_every_group_composes_and_instantiates(
             assert instantiate(node).batch_size == node.batch_size
 
 
-@pytest.mark.parametrize("option", options("experiment") + [f"debug/{d}" for d in options("debug")])
+@pytest.mark.parametrize("option", options("experiment") + [f"debug/{d}" for d in options("debug")]
+                         + [f"perf/{p}" for p in options("perf")]
+                         + [f"hparams_search/{h}" for h in options("hparams_search")])
 def test_experiments_and_debug_presets_compose(option: str, make_cfg: Callable[..., DictConfig]) -> None:
     group, name = option.split("/") if "/" in option else ("experiment", option)
     cfg = make_cfg(f"{group}={name}", tiny=False)

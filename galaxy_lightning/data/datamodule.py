@@ -41,26 +41,56 @@ def to_model_input(images: torch.Tensor, scale: float) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).to(torch.float32).mul_(scale)
 
 
+def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square (k = 0..7) on (N, H, W, C) images:
+    a rotation by (k mod 4) x 90 degrees, preceded by a horizontal flip when k >= 4."""
+    if k >= 4:
+        images = images.flip(2)
+    return torch.rot90(images, k % 4, dims=(1, 2))
+
+
+def random_dihedral(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of the batch under its own random symmetry of the square (8 tensor ops per batch).
+
+    Galaxies have no preferred orientation on the sky, so every view is as real as the original.
+    """
+    choice = torch.randint(0, 8, (len(images),), generator=generator, device="cpu").to(images.device)
+    out = torch.empty_like(images)
+    for k in range(8):
+        index = torch.nonzero(choice == k).flatten()
+        if len(index):
+            out[index] = dihedral(images[index], k)
+    return out
+
+
 class EpochBatchSampler:
     """Yields index tensors of whole batches; the order is a function of (seed, epoch) only."""
 
     def __init__(self, num_items: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
         self.num_items = num_items
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last and num_items >= batch_size
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def _num_batches(self) -> int:
         if self.drop_last:
             return self.num_items // self.batch_size
         return -(-self.num_items // self.batch_size)
+
+    def __len__(self) -> int:
+        if self.drop_last:  # training: every rank takes the same number of whole batches
+            return self._num_batches() // self.world_size
+        mine = len(range(self.rank, self.num_items, self.world_size))
+        return -(-mine // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.shuffle:
@@ -68,8 +98,14 @@ class EpochBatchSampler:
             order = torch.randperm(self.num_items, generator=gen)
         else:
             order = torch.arange(self.num_items)
-        batches = order.split(self.batch_size)
-        return iter(batches[: len(self)])
+        # With several processes (DDP) every rank draws the same permutation and takes its own
+        # share, so shards are disjoint without communication: in training whole batches
+        # r, r + world, ... (equal counts, as DDP needs); in evaluation every world-th image,
+        # so that each rank has data whenever there are at least as many images as ranks.
+        if self.drop_last:
+            batches = order.split(self.batch_size)[: self._num_batches()]
+            return iter(batches[self.rank::self.world_size][: len(self)])
+        return iter(order[self.rank::self.world_size].split(self.batch_size))
 
 
 class TensorBatches(Dataset):
@@ -112,13 +148,17 @@ class GalaxyDataModule(L.LightningDataModule):
 
     def __init__(self, source: DataSource, data_dir: str = "data", batch_size: int = 200,
                  eval_batch_size: int = 1000, splits: Sequence[float] = (10000, 1600, 1000),
-                 split_seed: int = 0, shuffle_seed: int = 0, scale: float = 1.0 / 256.0) -> None:
+                 split_seed: int = 0, shuffle_seed: int = 0, scale: float = 1.0 / 256.0,
+                 augment: str = "none", test_only: bool = False) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise GalaxyError(f"data.batch_size={batch_size} and data.eval_batch_size="
                               f"{eval_batch_size} must be at least 1")
         if not scale > 0:
             raise GalaxyError(f"data.scale={scale} must be positive")
+        if augment not in ("none", "dihedral"):
+            raise GalaxyError(f"data.augment={augment!r} must be 'none' or 'dihedral' (random "
+                              "rotations by 90 degrees and flips)")
         self.source = source
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
@@ -127,9 +167,11 @@ class GalaxyDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
         self.scale = scale
+        self.augment = augment
+        self.test_only = test_only
+        self._augment_generator = torch.Generator().manual_seed(shuffle_seed + 7919)
         self._path: Path | None = None
         self._split_data: dict[str, TensorBatches] = {}
-        self._train_sampler: EpochBatchSampler | None = None
 
     # -- preparation -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -154,7 +196,10 @@ class GalaxyDataModule(L.LightningDataModule):
         data = read_prepared(self.path)
         images = torch.from_numpy(data.images)
         labels = torch.from_numpy(data.labels)
-        if data.split is not None:
+        if self.test_only:  # evaluation of a whole file
+            empty = torch.zeros(0, dtype=torch.int64)
+            index = {"train": empty, "val": empty, "test": torch.arange(len(labels))}
+        elif data.split is not None:
             split = torch.from_numpy(data.split.astype(np.int64))
             index = {name: torch.nonzero(split == i).flatten() for i, name in enumerate(SPLIT_NAMES)}
             for name, idx in index.items():
@@ -176,29 +221,32 @@ class GalaxyDataModule(L.LightningDataModule):
         return self._split_data[name]
 
     # -- loaders -----------------------------------------------------------------------------
-    def _loader(self, name: str, sampler: EpochBatchSampler) -> DataLoader:
+    def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochBatchSampler(len(self.split(name)), batch_size, shuffle=shuffle,
+                                    seed=self.shuffle_seed, drop_last=shuffle, rank=rank,
+                                    world_size=world)
         # batch_size=None: the sampler already yields whole batches and the dataset gathers them.
         return DataLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
-        n = len(self.split("train"))
-        self._train_sampler = EpochBatchSampler(n, self.batch_size, shuffle=True,
-                                                seed=self.shuffle_seed, drop_last=True)
-        return self._loader("train", self._train_sampler)
+        return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        n = len(self.split("val"))
-        return self._loader("val", EpochBatchSampler(n, self.eval_batch_size, shuffle=False))
+        return self._loader("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        n = len(self.split("test"))
-        return self._loader("test", EpochBatchSampler(n, self.eval_batch_size, shuffle=False))
+        return self._loader("test", self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
+        trainer = getattr(self, "trainer", None)
+        if self.augment == "dihedral" and trainer is not None and trainer.training:
+            images = random_dihedral(images, self._augment_generator)
         return to_model_input(images, self.scale), labels
 
     def examples(self, per_class: int = 8, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

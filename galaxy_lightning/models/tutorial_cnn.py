@@ -16,17 +16,22 @@ class TutorialCNN(nn.Module):
     """The course model (channels 3-4-5-6-7, AvgPool, Linear 252 -> 7: 2,729 parameters at 96 px).
 
     ``channels`` lists the output channels of the conv blocks (the input channels come from the
-    data); ``pool`` is ``"avg"`` (the slides) or ``"max"`` (an earlier notebook, channels 4-6-9-13).
+    data); ``pool`` is ``"avg"`` (the slides) or ``"max"`` (an earlier notebook, channels 4-6-9-13);
+    ``width`` multiplies every channel count (one number for hyperparameter searches).
     The network returns logits: the softmax lives in the risk and in ``predict_step``.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 7, image_size: int = 96,
-                 channels: Sequence[int] = (4, 5, 6, 7), pool: str = "avg") -> None:
+                 channels: Sequence[int] = (4, 5, 6, 7), pool: str = "avg",
+                 width: float = 1.0) -> None:
         super().__init__()
         if pool not in _POOLS:
             raise GalaxyError(f"model.pool={pool!r} is not one of {sorted(_POOLS)}")
         if not channels or any(int(c) <= 0 for c in channels):
             raise GalaxyError(f"model.channels={list(channels)} must be a non-empty list of positive ints")
+        if not width > 0:
+            raise GalaxyError(f"model.width={width} must be positive")
+        channels = [max(1, round(int(c) * width)) for c in channels]
         side = image_size // 2 ** len(channels)
         if side < 1:
             raise GalaxyError(f"model.channels has {len(channels)} pooling blocks, too many for "
