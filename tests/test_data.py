@@ -128,3 +128,16 @@ def test_examples_cover_every_class(prepared_dir: Path) -> None:
     images, labels = make_dm(prepared_dir).examples(per_class=3)
     assert images.shape[1:] == (32, 32, 3)
     assert np.bincount(labels, minlength=7).tolist() == [3] * len(CLASS_NAMES)
+
+
+def test_device_resident_data_stays_on_the_training_device(prepared_dir: Path) -> None:
+    import lightning as L
+
+    dm = make_dm(prepared_dir, device_resident=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=1)
+    dm.trainer = trainer
+    dm.setup()
+    root = trainer.strategy.root_device
+    assert dm.split("train").images.device == root and dm.split("test").labels.device == root
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.device == root and images.shape == (16, 32, 32, 3)
