@@ -93,10 +93,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
     if cfg.get("test", True):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.get("train", True) else ""
-        if not best and cfg.get("train", True):
-            log.warning("no best checkpoint was saved; testing the weights of the last step")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        if cfg.get("train", True):
+            weights = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            if weights is None:
+                log.warning("no best checkpoint was saved; testing the weights of the last step")
+        else:  # test only: the given checkpoint
+            weights = cfg.get("ckpt_path")
+            if weights is None:
+                raise GalaxyError("train=false needs ckpt_path=<checkpoint> to test")
+        trainer.test(module, datamodule=datamodule, ckpt_path=weights, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
                         if torch.is_tensor(v) and v.numel() == 1})
         final = {f"hparams/{k.replace('/', '_')}": metrics[k]

@@ -173,3 +173,11 @@ def test_ddp_with_two_cpu_processes(tmp_path: Path, data_dir: Path) -> None:
     assert cm.sum() == 70  # every test image counted once across the two processes
     assert metrics["test_acc"] == pytest.approx(np.trace(cm) / 70)
     assert set(metrics) >= {"test_acc", "test_acc_per_class", "val_acc_best", "history"}
+
+
+def test_train_false_tests_the_given_checkpoint(trained: tuple, make_cfg: Callable[..., DictConfig]) -> None:
+    ckpt, metrics, _ = trained
+    results = train(make_cfg("train=false", f"ckpt_path={ckpt}", run="test_only"))
+    assert results["test/acc"] == metrics["test_acc"]
+    with pytest.raises(GalaxyError, match="train=false needs ckpt_path"):
+        train(make_cfg("train=false", run="no_ckpt"))

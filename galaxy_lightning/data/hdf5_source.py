@@ -18,6 +18,7 @@ The source file is only ever opened read-only.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, provenan
 from galaxy_lightning.errors import GalaxyError
 
 PREPARATION_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def center_crop(images: np.ndarray, size: int) -> np.ndarray:
@@ -164,6 +166,12 @@ class HDF5Source:
                 raise GalaxyError(f"{source}: images are {h}x{w}; set data.source.crop to a square "
                                   f"size of at most {min(h, w)}")
             out_side = self.resize or side
+            message = (f"preparing {target.name} from {source.name}: {n} images of "
+                       f"{stats['source_rows']}, {stats['duplicates_dropped']} repeated positions "
+                       f"dropped, per class {stats['kept_per_class']}")
+            log.info(message)
+            if progress:
+                print(message, flush=True)
             chosen_names = [names[c] for c in (self.classes or range(len(names)))]
             provenance = {**expected, "counts": stats,
                           "class_names": chosen_names}
