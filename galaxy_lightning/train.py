@@ -83,10 +83,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module, trainer = build(cfg)
     log.info("torch %s, %d threads, precision %s, compile %s", torch.__version__,
              torch.get_num_threads(), cfg.trainer.get("precision"), bool(cfg.perf.compile))
+    info = datamodule.info
     log.info("model %s: %d parameters; data %s (%d images, %dx%dx%d, %d classes)",
              cfg.model._target_, sum(p.numel() for p in module.parameters() if p.requires_grad),
-             datamodule.path, datamodule.info.num_images, datamodule.info.height,
-             datamodule.info.width, datamodule.info.channels, datamodule.info.num_classes)
+             info.path, info.num_images, info.height, info.width, info.channels, info.num_classes)
 
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
