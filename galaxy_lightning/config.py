@@ -110,6 +110,8 @@ def validate_config(cfg: DictConfig) -> None:
             _require(isinstance(value, int) and value >= 1,
                      f"data.{key}={value} must be a positive integer")
     _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
+    _require(cfg.get("train", True) or cfg.get("ckpt_path") is not None,
+             "train=false needs ckpt_path=<checkpoint> to test")
 
     trainer = cfg.trainer
     max_steps = trainer.get("max_steps", -1)

@@ -55,8 +55,8 @@ def preprocess(image: np.ndarray, module: GalaxyClassifier, allow_resize: bool =
         how = f" (training cropped {crop} px{f' and resized to {resize}' if resize else ''})" if crop else ""
         raise GalaxyError(f"is {h}x{w}; the model takes {size}x{size}{how}; pass --resize to "
                           "center-crop and resize it")
-    side = min(h, w)
-    return resize_uint8(center_crop(batch, side), size)[0] if side != size else center_crop(batch, side)[0]
+    square = center_crop(batch, min(h, w))
+    return (resize_uint8(square, size) if min(h, w) != size else square)[0]
 
 
 def _read_image(path: Path, channels: int) -> np.ndarray:

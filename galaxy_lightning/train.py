@@ -29,6 +29,12 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def _scalars(trainer: L.Trainer) -> dict[str, float]:
+    """The trainer's current scalar metrics as floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if torch.is_tensor(v) and v.numel() == 1}
+
+
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run config flattened to ``group/key`` primitives, for TensorBoard's hparams view."""
     out: dict[str, Any] = {}
@@ -90,20 +96,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = _scalars(trainer)
 
     if cfg.get("test", True):
         if cfg.get("train", True):
             weights = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
             if weights is None:
                 log.warning("no best checkpoint was saved; testing the weights of the last step")
-        else:  # test only: the given checkpoint
+        else:  # test only: the given checkpoint (validate_config made sure there is one)
             weights = cfg.get("ckpt_path")
-            if weights is None:
-                raise GalaxyError("train=false needs ckpt_path=<checkpoint> to test")
         trainer.test(module, datamodule=datamodule, ckpt_path=weights, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
-                        if torch.is_tensor(v) and v.numel() == 1})
+        metrics.update(_scalars(trainer))
         final = {f"hparams/{k.replace('/', '_')}": metrics[k]
                  for k in ("test/acc", "val/acc_best") if k in metrics}
         for logger in trainer.loggers:

@@ -45,6 +45,17 @@ def _identity(path: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _remember(path: Path, digest: str) -> None:
+    """Write the verification marker of ``path`` (atomically; skipped on a read-only folder)."""
+    marker = _marker(path)
+    try:
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps({"identity": _identity(path), "sha256": digest}))
+        os.replace(tmp, marker)
+    except OSError:
+        pass  # a read-only data directory: verify again next time
+
+
 def file_sha256(path: Path, progress: bool = True) -> str:
     """SHA256 of ``path``, cached in a marker file while the file's size and mtime are unchanged."""
     marker = _marker(path)
@@ -55,12 +66,7 @@ def file_sha256(path: Path, progress: bool = True) -> str:
     except (OSError, ValueError, KeyError):
         pass
     digest = sha256_of(path, progress)
-    try:
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps({"identity": _identity(path), "sha256": digest}))
-        os.replace(tmp, marker)
-    except OSError:
-        pass  # a read-only data directory: verify again next time
+    _remember(path, digest)
     return digest
 
 
@@ -141,9 +147,7 @@ def download(urls: Sequence[str], target: Path, sha256: str | None, timeout: flo
             errors.append(f"{url}: SHA256 mismatch (got {found[:16]}...)")
             continue
         os.replace(part, target)
-        tmp = _marker(target).with_name(_marker(target).name + ".tmp")
-        tmp.write_text(json.dumps({"identity": _identity(target), "sha256": found}))
-        os.replace(tmp, _marker(target))
+        _remember(target, found)
         return target
     reason = "; ".join(errors[-3:]) or "no URL given"
     raise GalaxyError(f"could not download {target.name} ({reason}); download it by hand from "

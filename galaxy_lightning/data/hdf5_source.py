@@ -193,7 +193,7 @@ class HDF5Source:
                                           f"failed (truncated or corrupt: {err}); replace the "
                                           "file with a complete copy") from None
                     pixels = self._to_uint8(chunk[rows[lo:hi] - first], source, rows[lo:hi])
-                    if self.crop is not None or h != side:
+                    if self.crop is not None:  # (non-square images without a crop were refused)
                         pixels = center_crop(pixels, side)
                     if self.resize is not None and self.resize != side:
                         pixels = resize_uint8(pixels, self.resize)
