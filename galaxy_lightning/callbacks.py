@@ -23,6 +23,7 @@ from galaxy_lightning.plots import (
     confusion_matrix_figure,
     figure_to_array,
     image_grid_figure,
+    reliability_diagram_figure,
 )
 
 
@@ -33,13 +34,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class RunArtifacts(L.Callback):
-    """Writes ``accuracy_curve.png``, ``confusion_matrix.png``, ``examples.png``, ``metrics.json``."""
+    """Writes ``accuracy_curve.png``, ``confusion_matrix.png``, ``reliability_diagram.png``,
+    ``examples.png`` and ``metrics.json``."""
 
     def __init__(self, output_dir: str, examples_per_class: int = 8) -> None:
         self.output_dir = Path(output_dir)
         self.examples_per_class = examples_per_class
         self.history: dict[str, list[float]] = {"train_step": [], "train_acc": [],
                                                 "val_step": [], "val_acc": []}
+        self._fit_start: float | None = None
+        self.fit_seconds: float | None = None
 
     # -- state (saved in checkpoints) --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -54,6 +58,7 @@ class RunArtifacts(L.Callback):
 
     # -- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
         if not trainer.is_global_zero or trainer.datamodule is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +80,8 @@ class RunArtifacts(L.Callback):
                 self.history["train_acc"].append(float(metrics["train/acc"]))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._fit_start is not None:
+            self.fit_seconds = time.perf_counter() - self._fit_start
         if not trainer.is_global_zero or not self.history["val_step"]:
             return
         h = self.history
@@ -93,18 +100,31 @@ class RunArtifacts(L.Callback):
                                       title="Test confusion matrix")
         fig.savefig(self.output_dir / "confusion_matrix.png", dpi=120)
         figure_to_array(fig)  # closes it
+        bins = report["reliability"]
+        fig = reliability_diagram_figure(bins["count"], bins["confidence"], bins["correct"],
+                                         title="Test reliability" + (" (TTA)" if report["tta"] else ""))
+        fig.savefig(self.output_dir / "reliability_diagram.png", dpi=120)
+        self._tensorboard_image(trainer, "test/reliability_diagram", figure_to_array(fig),
+                                trainer.global_step)
         h = self.history
         best_val = max(h["val_acc"]) if h["val_acc"] else None
         checkpoint = trainer.checkpoint_callback
         metrics = {
             "test_acc": report["acc"],
             "test_loss": report["loss"],
+            "test_ece": report["ece"],
+            "tta": report["tta"],
+            "reliability": report["reliability"],
             "test_acc_per_class": report["acc_per_class"],
             "confusion_matrix": report["confusion_matrix"],
             "class_names": list(pl_module.class_names),
             "val_acc_best": best_val,
             "best_step": int(h["val_step"][int(np.argmax(h["val_acc"]))]) if h["val_acc"] else None,
             "global_step": trainer.global_step,
+            # wall time of this process's fit (validation and checkpoints included; a resumed
+            # run counts only its own part)
+            "fit_seconds": self.fit_seconds,
+            "params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
             "checkpoint": str(checkpoint.best_model_path) if checkpoint is not None
             and getattr(checkpoint, "best_model_path", "") else None,
             "history": h,

@@ -21,13 +21,15 @@ from galaxy_lightning.errors import GalaxyError
 #: Top-level keys of ``conf/train.yaml`` (plus ``hydra``, which Hydra adds).
 TOP_LEVEL_KEYS = frozenset({
     "task_name", "seed", "ckpt_path", "train", "test", "optimized_metric",
-    "paths", "data", "model", "optimizer", "trainer", "logger", "callbacks", "perf", "hydra",
+    "paths", "data", "model", "optimizer", "scheduler", "label_smoothing", "tta", "trainer",
+    "logger", "callbacks", "perf", "hydra",
 })
 PERF_KEYS = frozenset({"compile", "threads", "matmul_precision", "tune_malloc"})
 #: Arguments that the training code fills in; a config must not set them.
 FILLED_IN = {
     "model": {"in_channels", "num_classes", "image_size"},
     "optimizer": {"params"},
+    "scheduler": {"optimizer"},
     "trainer": {"callbacks", "logger"},
 }
 
@@ -127,7 +129,26 @@ def validate_config(cfg: DictConfig) -> None:
     _require(lr is None or (isinstance(lr, (int, float)) and lr > 0),
              f"optimizer.lr={lr} must be a positive number")
     try:  # let the optimizer itself check the rest (betas, momentum, weight decay, ...)
-        instantiate(optimizer, _partial_=True)([torch.nn.Parameter(torch.zeros(1))])
+        dummy = instantiate(optimizer, _partial_=True)([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
         raise GalaxyError(f"optimizer ({optimizer['_target_']}) rejects its settings: {err}; fix "
                           "the optimizer.* values") from None
+
+    smoothing = cfg.get("label_smoothing", 0.0)
+    _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
+             f"label_smoothing={smoothing} must be in [0, 1)")
+    _require(isinstance(cfg.get("tta", False), bool), f"tta={cfg.get('tta')} must be true or false")
+    if cfg.get("scheduler"):
+        _require("_target_" in cfg.scheduler, "scheduler has no _target_; choose one: scheduler="
+                 "none, cosine or onecycle (see conf/scheduler/)")
+        _check_keys(cfg.scheduler, "scheduler", FILLED_IN["scheduler"])
+        scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
+        assert isinstance(scheduler, dict)
+        _require(scheduler.get("total_steps", 1) is None or scheduler.get("total_steps", 1) >= 1,
+                 f"scheduler.total_steps={scheduler.get('total_steps')} must be positive: a "
+                 "schedule needs trainer.max_steps (not -1)")
+        try:  # the scheduler checks its own settings on the dummy optimizer
+            instantiate(scheduler, _partial_=True)(dummy)
+        except (ValueError, TypeError) as err:
+            raise GalaxyError(f"scheduler ({scheduler['_target_']}) rejects its settings: {err}; "
+                              "fix the scheduler.* values") from None

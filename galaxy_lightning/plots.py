@@ -1,4 +1,5 @@
-"""Figures of a run: the tutorial's accuracy curve, the confusion matrix and an image grid.
+"""Figures of a run: the tutorial's accuracy curve, the confusion matrix, a reliability diagram and
+an image grid.
 
 Pure functions from arrays to matplotlib figures (Agg backend, no display needed); the callers
 decide where a figure goes (PNG file, TensorBoard).
@@ -55,6 +56,45 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str],
     acc = np.trace(matrix) / total if total else float("nan")
     ax.set_title(f"{title} (accuracy {acc:.3f}, {total} images)")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    return fig
+
+
+def reliability_diagram_figure(count: Sequence[float], confidence: Sequence[float],
+                               correct: Sequence[float], title: str = "Reliability diagram") -> Figure:
+    """Accuracy against confidence per equal-width confidence bin (sums per bin as inputs).
+
+    A calibrated classifier lies on the diagonal: of the images it labels with 80% confidence,
+    80% are right. Bars below the diagonal mean over-confidence. The gaps, weighted by the
+    fraction of images in each bin, sum to the expected calibration error (ECE).
+    """
+    count, confidence, correct = (np.asarray(a, dtype=float) for a in (count, confidence, correct))
+    n_bins = len(count)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    filled = count > 0
+    acc = np.divide(correct, count, out=np.zeros(n_bins), where=filled)
+    conf = np.divide(confidence, count, out=centers.copy(), where=filled)
+    total = count.sum()
+    ece = float(np.sum(np.abs(acc - conf) * count) / total) if total else float("nan")
+    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5.2, 6.0), sharex=True, layout="constrained",
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    width = 1.0 / n_bins
+    ax.bar(edges[:-1][filled], acc[filled], width=width, align="edge", color="tab:blue",
+           edgecolor="white", label="accuracy in bin")
+    ax.bar(edges[:-1][filled], (conf - acc)[filled], bottom=acc[filled], width=width, align="edge",
+           color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title} (ECE {ece:.3f}, {int(total)} images)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_hist.bar(edges[:-1], count / total if total else count, width=width, align="edge",
+                color="grey", edgecolor="white")
+    ax_hist.set_xlabel("confidence (highest class probability)")
+    ax_hist.set_ylabel("fraction")
+    ax_hist.grid(alpha=0.3)
     return fig
 
 

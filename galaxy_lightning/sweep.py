@@ -3,6 +3,9 @@
 Hydra calls :class:`SweepSummary` when a sweep ends (``conf/hydra/default.yaml`` registers it).
 It reads every job's ``.hydra/overrides.yaml`` and ``metrics.json`` and writes
 ``summary.csv`` into the sweep directory, sorted by best validation accuracy, and prints it.
+When the sweep repeats configurations over seeds (``seed=0,1,2``), it also writes
+``summary_by_config.csv`` and prints a Markdown table with one row per configuration: the
+model's parameters, training minutes, and test accuracy and ECE as mean, min and max over seeds.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,10 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "overrides", "val_acc_best", "test_acc", "best_step", "status", "run_dir",
-           "all_overrides"]
+COLUMNS = ["job", "overrides", "val_acc_best", "test_acc", "test_ece", "best_step", "params",
+           "fit_minutes", "status", "run_dir", "all_overrides"]
+GROUP_COLUMNS = ["config", "runs", "seeds", "params", "fit_minutes", "test_acc_mean",
+                 "test_acc_min", "test_acc_max", "test_ece_mean", "test_ece_min", "test_ece_max"]
 
 
 def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -38,10 +45,14 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
         metrics_file = job / "metrics.json"
         if metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
+            seconds = metrics.get("fit_seconds")
             row.update(val_acc_best=metrics.get("val_acc_best"), test_acc=metrics.get("test_acc"),
-                       best_step=metrics.get("best_step"), status="done")
+                       test_ece=metrics.get("test_ece"), best_step=metrics.get("best_step"),
+                       params=metrics.get("params"),
+                       fit_minutes=seconds / 60 if seconds is not None else None, status="done")
         else:
-            row.update(val_acc_best=None, test_acc=None, best_step=None, status="no metrics.json")
+            row.update(val_acc_best=None, test_acc=None, test_ece=None, best_step=None,
+                       params=None, fit_minutes=None, status="no metrics.json")
         rows.append(row)
     common = set.intersection(*(set(r["all_overrides"]) for r in rows)) if len(rows) > 1 else set()
     for r in rows:
@@ -51,14 +62,67 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary(sweep_dir: str | Path) -> Path:
-    """Write ``summary.csv`` into the sweep directory and return its path."""
-    rows = summarize(sweep_dir)
-    path = Path(sweep_dir) / "summary.csv"
+def _seed_of(overrides: str) -> str | None:
+    match = re.search(r"(?:^| )seed=(\S+)", overrides)
+    return match.group(1) if match else None
+
+
+def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished jobs grouped by their overrides without ``seed=``: the mean, min and max over
+    seeds of test accuracy and ECE, and the mean training minutes, in sweep order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (len(r["job"]), r["job"])):
+        if r["status"] != "done" or r["test_acc"] is None:
+            continue
+        config = re.sub(r"(?:^| )seed=\S+", "", r["overrides"]).strip() or "(all)"
+        groups.setdefault(config, []).append(r)
+    out = []
+    for config, members in groups.items():
+        row: dict[str, Any] = {
+            "config": config, "runs": len(members), "params": members[0]["params"],
+            "seeds": " ".join(str(_seed_of(m["all_overrides"])) for m in members)}
+        for key in ("test_acc", "test_ece", "fit_minutes"):
+            values = [m[key] for m in members if m[key] is not None]
+            row[f"{key}_mean"] = statistics.fmean(values) if values else None
+            row[f"{key}_min"] = min(values) if values else None
+            row[f"{key}_max"] = max(values) if values else None
+        row["fit_minutes"] = row.pop("fit_minutes_mean")
+        del row["fit_minutes_min"], row["fit_minutes_max"]
+        out.append(row)
+    return out
+
+
+def markdown_table(groups: list[dict[str, Any]]) -> str:
+    """The per-configuration table as Markdown (what the README's comparison table is)."""
+    lines = ["| config | params | minutes | test accuracy: mean (min-max) | ECE: mean (min-max) | seeds |",
+             "|---|---:|---:|---|---|---|"]
+    for g in groups:
+        acc = "-" if g["test_acc_mean"] is None else (
+            f"{100 * g['test_acc_mean']:.1f}% ({100 * g['test_acc_min']:.1f}-{100 * g['test_acc_max']:.1f})")
+        ece = "-" if g["test_ece_mean"] is None else (
+            f"{g['test_ece_mean']:.3f} ({g['test_ece_min']:.3f}-{g['test_ece_max']:.3f})")
+        params = f"{g['params']:,}" if g["params"] is not None else "-"
+        minutes = f"{g['fit_minutes']:.1f}" if g["fit_minutes"] is not None else "-"
+        lines.append(f"| {g['config']} | {params} | {minutes} | {acc} | {ece} | {g['seeds']} |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_summary(sweep_dir: str | Path) -> Path:
+    """Write ``summary.csv`` (and, for repeated seeds, ``summary_by_config.csv``) into the sweep
+    directory and return the path of ``summary.csv``."""
+    rows = summarize(sweep_dir)
+    path = Path(sweep_dir) / "summary.csv"
+    _write_csv(path, COLUMNS, rows)
+    groups = group_by_config(rows)
+    if any(g["runs"] > 1 for g in groups):
+        _write_csv(Path(sweep_dir) / "summary_by_config.csv", GROUP_COLUMNS, groups)
     return path
 
 
@@ -66,7 +130,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
-    cols = ["job", "val_acc_best", "test_acc", "best_step", "overrides"]
+    cols = ["job", "val_acc_best", "test_acc", "test_ece", "best_step", "overrides"]
     cells = [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
@@ -82,5 +146,9 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         path = write_summary(sweep_dir)
-        table = format_table(summarize(sweep_dir))
-        print(f"\nsweep summary ({path}):\n{table}", flush=True)
+        rows = summarize(sweep_dir)
+        print(f"\nsweep summary ({path}):\n{format_table(rows)}", flush=True)
+        groups = group_by_config(rows)
+        if any(g["runs"] > 1 for g in groups):
+            print(f"\nover seeds ({path.parent / 'summary_by_config.csv'}):\n"
+                  f"{markdown_table(groups)}", flush=True)

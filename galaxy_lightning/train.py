@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from galaxy_lightning import perf
 from galaxy_lightning.config import validate_config
 from galaxy_lightning.data.datamodule import GalaxyDataModule
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import GalaxyError, user_errors
 from galaxy_lightning.module import GalaxyClassifier
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,19 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         elif node is None or isinstance(node, (bool, int, float, str)):
             out[prefix] = node if node is not None else "null"
 
-    cfg_dict = {k: _container(cfg[k]) for k in ("seed", "data", "model", "optimizer", "trainer")}
+    cfg_dict = {k: _container(cfg.get(k)) for k in ("seed", "data", "model", "optimizer",
+                                                    "scheduler", "label_smoothing", "tta", "trainer")}
     walk("", cfg_dict)
     return out
 
 
 def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Trainer]:
     """Instantiate the DataModule, the LightningModule (sized from the data) and the Trainer."""
+    with user_errors():
+        return _build(cfg)
+
+
+def _build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Trainer]:
     datamodule: GalaxyDataModule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     info = datamodule.info
@@ -67,7 +73,10 @@ def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Traine
                               scale=float(datamodule.scale), compile=bool(cfg.perf.compile),
                               data=_container(cfg.data),
                               crop=getattr(datamodule.source, "crop", None),
-                              resize=getattr(datamodule.source, "resize", None))
+                              resize=getattr(datamodule.source, "resize", None),
+                              scheduler=_container(cfg.get("scheduler")) or None,
+                              label_smoothing=float(cfg.get("label_smoothing", 0.0)),
+                              tta=bool(cfg.get("tta", False)))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers: list[Logger] = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()
                              if lg is not None]

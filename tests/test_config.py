@@ -24,7 +24,8 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["data", "model", "optimizer", "trainer", "logger", "callbacks"])
+@pytest.mark.parametrize("group", ["data", "model", "optimizer", "scheduler", "trainer", "logger",
+                                   "callbacks"])
 def test_every_option_of_every_group_composes_and_instantiates(
         group: str, make_cfg: Callable[..., DictConfig]) -> None:
     assert options(group), f"conf/{group} is empty"
@@ -39,6 +40,12 @@ def test_every_option_of_every_group_composes_and_instantiates(
         elif group == "optimizer":
             opt = instantiate(node, _partial_=True)([torch.nn.Parameter(torch.zeros(1))])
             assert isinstance(opt, torch.optim.Optimizer)
+        elif group == "scheduler":
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+            if option == "none":
+                assert not node
+            else:
+                assert instantiate(node, _partial_=True)(opt).last_epoch == 0
         elif group == "trainer":
             assert instantiate(node, accelerator="cpu").max_steps == node.max_steps
         elif group in ("logger", "callbacks"):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from galaxy_lightning.data.datamodule import dihedral, random_dihedral, to_model_input
+from galaxy_lightning.data.augment import dihedral, random_dihedral
+from galaxy_lightning.data.datamodule import to_model_input
 from galaxy_lightning.data.prepared import read_prepared, write_prepared
 from galaxy_lightning.errors import GalaxyError
 from galaxy_lightning.evaluate import evaluate, load_checkpoint

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from galaxy_lightning.data.augment import random_dihedral, random_rotate_shift
 from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedInfo, read_info, read_prepared
 from galaxy_lightning.errors import GalaxyError
 
@@ -39,28 +40,6 @@ class DataSource(Protocol):
 def to_model_input(images: torch.Tensor, scale: float) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in channels-last memory, multiplied by ``scale``."""
     return images.permute(0, 3, 1, 2).to(torch.float32).mul_(scale)
-
-
-def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 symmetries of the square (k = 0..7) on (N, H, W, C) images:
-    a rotation by (k mod 4) x 90 degrees, preceded by a horizontal flip when k >= 4."""
-    if k >= 4:
-        images = images.flip(2)
-    return torch.rot90(images, k % 4, dims=(1, 2))
-
-
-def random_dihedral(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each image of the batch under its own random symmetry of the square (8 tensor ops per batch).
-
-    Galaxies have no preferred orientation on the sky, so every view is as real as the original.
-    """
-    choice = torch.randint(0, 8, (len(images),), generator=generator, device="cpu").to(images.device)
-    out = torch.empty_like(images)
-    for k in range(8):
-        index = torch.nonzero(choice == k).flatten()
-        if len(index):
-            out[index] = dihedral(images[index], k)
-    return out
 
 
 class EpochBatchSampler:
@@ -150,8 +129,8 @@ class GalaxyDataModule(L.LightningDataModule):
     def __init__(self, source: DataSource, data_dir: str = "data", batch_size: int = 200,
                  eval_batch_size: int = 1000, splits: Sequence[float] = (10000, 1600, 1000),
                  split_seed: int = 0, shuffle_seed: int = 0, scale: float = 1.0 / 256.0,
-                 augment: str = "none", test_only: bool = False,
-                 device_resident: bool = False) -> None:
+                 augment: str = "none", rotate: bool = False, max_shift: float = 0.0,
+                 test_only: bool = False, device_resident: bool = False) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise GalaxyError(f"data.batch_size={batch_size} and data.eval_batch_size="
@@ -161,6 +140,8 @@ class GalaxyDataModule(L.LightningDataModule):
         if augment not in ("none", "dihedral"):
             raise GalaxyError(f"data.augment={augment!r} must be 'none' or 'dihedral' (random "
                               "rotations by 90 degrees and flips)")
+        if not 0 <= max_shift <= 8:
+            raise GalaxyError(f"data.max_shift={max_shift} must be between 0 and 8 pixels")
         self.source = source
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
@@ -170,6 +151,8 @@ class GalaxyDataModule(L.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.scale = scale
         self.augment = augment
+        self.rotate = bool(rotate)
+        self.max_shift = float(max_shift)
         self.test_only = test_only
         self.device_resident = device_resident
         self._augment_generator = torch.Generator().manual_seed(shuffle_seed + 7919)
@@ -254,9 +237,13 @@ class GalaxyDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
         trainer = getattr(self, "trainer", None)
-        if self.augment == "dihedral" and trainer is not None and trainer.training:
+        training = trainer is not None and trainer.training
+        if self.augment == "dihedral" and training:
             images = random_dihedral(images, self._augment_generator)
-        return to_model_input(images, self.scale), labels
+        images = to_model_input(images, self.scale)
+        if (self.rotate or self.max_shift > 0) and training:
+            images = random_rotate_shift(images, self.max_shift, self.rotate, self._augment_generator)
+        return images, labels
 
     def examples(self, per_class: int = 8, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Up to ``per_class`` uint8 images of each class from a split (for image grids)."""

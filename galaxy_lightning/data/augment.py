@@ -1,0 +1,76 @@
+"""Augmentations that respect the sky, on whole batches as tensor ops (no per-sample Python).
+
+A galaxy has no preferred orientation on the sky and no preferred position within a few pixels of
+the cutout centre, so rotated, flipped and slightly shifted images are as real as the originals:
+
+- :func:`dihedral` / :func:`random_dihedral`: the 8 symmetries of the square (rotations by
+  multiples of 90 degrees, with or without a flip). They move pixels without interpolating, so
+  they are exact and also serve test-time augmentation (:func:`dihedral_views`).
+- :func:`random_rotate_shift`: rotation by an arbitrary angle and a sub-pixel shift, one affine
+  resampling per batch (bilinear, reflected borders: rotating a square frame would otherwise
+  bring in black corners that real cutouts never have).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: The inverse of symmetry k (rotations by 90 and 270 degrees invert each other; flips are their
+#: own inverse).
+DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
+
+
+def dihedral(images: torch.Tensor, k: int, dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square (k = 0..7): a rotation by (k mod 4) x 90
+    degrees, preceded by a horizontal flip when k >= 4. ``dims`` are the (height, width) axes:
+    (1, 2) for the uint8 NHWC store, (2, 3) for NCHW model input."""
+    if k >= 4:
+        images = images.flip(dims[1])
+    return torch.rot90(images, k % 4, dims=dims)
+
+
+def random_dihedral(images: torch.Tensor, generator: torch.Generator | None = None,
+                    dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
+    """Each image of the batch under its own random symmetry of the square (8 tensor ops per batch)."""
+    choice = torch.randint(0, 8, (len(images),), generator=generator, device="cpu").to(images.device)
+    out = torch.empty_like(images)
+    for k in range(8):
+        index = torch.nonzero(choice == k).flatten()
+        if len(index):
+            out[index] = dihedral(images[index], k, dims)
+    return out
+
+
+def dihedral_views(images: torch.Tensor) -> torch.Tensor:
+    """All 8 symmetric views of an NCHW batch, stacked view-major: (8 N, C, H, W)."""
+    return torch.cat([dihedral(images, k, (2, 3)) for k in range(8)])
+
+
+def rotate_shift(images: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Float NCHW images, image i rotated counter-clockwise (as displayed, row 0 at the top) by
+    ``angle[i]`` radians about its centre and moved by ``shift[i] = (dx, dy)`` pixels (right,
+    down), in one ``grid_sample`` (bilinear, reflected borders)."""
+    n, _, h, w = images.shape
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # theta maps output to input coordinates, normalised to [-1, 1] across the image (x right,
+    # y down): input = R(-angle) (output - shift), with a shift of s pixels being 2 s / size.
+    tx, ty = 2 * shift[:, 0] / w, 2 * shift[:, 1] / h
+    theta = torch.stack([torch.stack([cos, -sin, -(cos * tx - sin * ty)], 1),
+                         torch.stack([sin, cos, -(sin * tx + cos * ty)], 1)], 1)
+    theta = theta.to(images.device, images.dtype)
+    grid = F.affine_grid(theta, [n, images.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def random_rotate_shift(images: torch.Tensor, max_shift: float, rotate: bool,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image rotated by a uniform random angle (if ``rotate``) and shifted by a uniform
+    random offset of up to ``max_shift`` pixels along each axis (:func:`rotate_shift`)."""
+    n = len(images)
+    angle = torch.rand(n, generator=generator) * 2 * math.pi if rotate else torch.zeros(n)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
+    return rotate_shift(images, angle, shift)
