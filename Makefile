@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install test test-fast quickstart preview tensorboard bench clean
+.PHONY: help install test test-fast quickstart preview tensorboard bench bench-models clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,3 +31,6 @@ clean:  ## remove run outputs (logs/), keep data/
 
 bench:  ## the benchmark: tutorial loop vs train.py (float32 and perf=fast), data preparation
 	$(PYTHON) -m galaxy_lightning.bench
+
+bench-models:  ## ms/step and parameters of every model in the recommended recipe (float32, fast)
+	$(PYTHON) -m galaxy_lightning.bench --only-models

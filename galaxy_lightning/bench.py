@@ -9,7 +9,9 @@ Runs side by side, on this machine, in one invocation:
   steps, checkpoints, TensorBoard) with the tutorial config, in the default float32 mode and in
   the fast mode (``perf=fast``);
 
-each in its own process, and prints the steady-state ms per step, images per second, peak
+each in its own process; then each model of the ``model`` group in the recommended recipe
+(``experiment=recommended``: batch 128, dihedral augmentation) in float32 and in fast mode;
+and prints the steady-state ms per step, images per second, peak
 resident memory, time from process start to the end of the first training step, and the ratios
 to the baseline. It also times the synthetic simulator and the preparation of the Galaxy10
 DECaLS subset from a full-size file of the real layout (17,736 x 256x256x3, per-image gzip chunks;
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where data sets are cached")
     parser.add_argument("--out-dir", default=str(ROOT / "logs" / "bench"), help="results and runs")
     parser.add_argument("--skip-prepare", action="store_true", help="skip the Galaxy10 preparation timing")
+    parser.add_argument("--skip-models", action="store_true", help="skip the per-model timings")
+    parser.add_argument("--only-models", action="store_true",
+                        help="only the per-model timings (after the simulator)")
     parser.add_argument("--worker", choices=["tutorial", "prepare", "simulate", "fullsize"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -226,6 +231,51 @@ def main(argv: list[str] | None = None) -> None:
     print(f"simulator: {sim['ms_per_image']:.2f} ms/image -> {sim['s_for_12600']:.1f} s for the "
           "12,600-image set (one core)", flush=True)
 
+    if not args.only_models:
+        _tutorial_runs(args, me, synthetic, data_dir, out_dir, report)
+    if not args.skip_models:
+        _model_runs(args, data_dir, out_dir, report)
+
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    print(f"\nresults: {out_dir / 'bench.json'}")
+
+
+def _train_py_run(args: argparse.Namespace, data_dir: Path, run_dir: Path, steps: int,
+                  overrides: list[str]) -> dict[str, Any]:
+    res = run_dir.with_suffix(".json")
+    return _timed_process(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.max_steps={steps}",
+         f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "~callbacks.progress_bar",
+         "+callbacks.step_timer._target_=galaxy_lightning.callbacks.StepTimer",
+         f"+callbacks.step_timer.output_file={res}"], res)
+
+
+def _model_runs(args: argparse.Namespace, data_dir: Path, out_dir: Path,
+                report: dict[str, Any]) -> None:
+    """ms per step of every model in the recommended recipe, float32 and fast mode."""
+    steps = max(100, args.steps // 2)
+    models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    print(f"\nmodels in the recommended recipe (batch 128, dihedral augmentation, {steps} steps; "
+          "ms/step includes validation every 250 steps):")
+    print(f"{'model':14s} {'params':>9s} {'f32 ms/step':>12s} {'fast ms/step':>13s} "
+          f"{'f32 min/6k':>11s} {'fast min/6k':>12s}")
+    table: dict[str, dict[str, Any]] = {}
+    for model in models:
+        row: dict[str, Any] = {}
+        for tag, extra in (("f32", ["perf=default", "trainer.precision=32-true"]), ("fast", [])):
+            r = _train_py_run(args, data_dir, out_dir / f"model_{model}_{tag}", steps,
+                              ["experiment=recommended", f"model={model}", *extra])
+            row[tag] = r
+            row["params"] = r.get("params")
+        table[model] = row
+        print(f"{model:14s} {row['params']:9,d} {row['f32']['ms_per_step']:12.1f} "
+              f"{row['fast']['ms_per_step']:13.1f} {6000 * row['f32']['ms_per_step'] / 6e4:11.1f} "
+              f"{6000 * row['fast']['ms_per_step'] / 6e4:12.1f}", flush=True)
+    report["models"] = table
+
+
+def _tutorial_runs(args: argparse.Namespace, me: list[str], synthetic: Path, data_dir: Path,
+                   out_dir: Path, report: dict[str, Any]) -> None:
     # 2. training runs
     runs: dict[str, dict[str, Any]] = {}
     res = out_dir / "tutorial.json"
@@ -234,13 +284,8 @@ def main(argv: list[str] | None = None) -> None:
          "--result", str(res)], res)
     for name, extra in (("train.py float32", []), ("train.py perf=fast", ["perf=fast"])):
         tag = "fast" if extra else "f32"
-        res = out_dir / f"{tag}.json"
-        runs[name] = _timed_process(
-            [sys.executable, str(ROOT / "train.py"), "experiment=tutorial_synthetic", *extra,
-             f"trainer.max_steps={args.steps}", f"paths.data_dir={data_dir}",
-             f"hydra.run.dir={out_dir / tag}", "~callbacks.progress_bar",
-             "+callbacks.step_timer._target_=galaxy_lightning.callbacks.StepTimer",
-             f"+callbacks.step_timer.output_file={res}"], res)
+        runs[name] = _train_py_run(args, data_dir, out_dir / tag, args.steps,
+                                   ["experiment=tutorial_synthetic", *extra])
     base = runs["tutorial loop (baseline)"]
     print(f"\n{'run':28s} {'ms/step':>8s} {'img/s':>8s} {'x base':>7s} {'peak MB':>8s} "
           f"{'1st step s':>10s} {'wall s':>7s}")
@@ -267,9 +312,6 @@ def main(argv: list[str] | None = None) -> None:
         report["prepare_galaxy10"] = prep
         print(f"\nGalaxy10 subset from a full-size file ({big.stat().st_size / 1e9:.2f} GB): "
               f"{prep['seconds']:.1f} s, peak RSS {prep['peak_rss_mb']:.0f} MB")
-
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
-    print(f"\nresults: {out_dir / 'bench.json'}")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ class StepTimer(L.Callback):
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "precision": str(trainer.precision),
             "compiled": bool(getattr(pl_module.hparams, "compile", False)),
+            "params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
         }
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.output_file, json.dumps(summary, indent=2))

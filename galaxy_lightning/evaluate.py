@@ -3,8 +3,9 @@
 By default the checkpoint's own data config rebuilds the very test split it was tested on (same
 file, same split seed), so the test accuracy of a training run is reproduced exactly. With
 ``--prepared FILE`` every image of another prepared file is evaluated instead. Writes what a
-training run writes for its test: ``metrics.json``, ``confusion_matrix.png`` and TensorBoard
-entries (test scalars, confusion-matrix image, hparams).
+training run writes for its test: ``metrics.json``, ``confusion_matrix.png``,
+``reliability_diagram.png`` and TensorBoard entries (test scalars, confusion-matrix image,
+hparams). ``--tta`` / ``--no-tta`` switch test-time augmentation on or off.
 """
 
 from __future__ import annotations
@@ -82,10 +83,14 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
 
 def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | None = None,
              data_dir: str | None = None, batch_size: int | None = None,
-             accelerator: str = "auto") -> dict[str, float]:
-    """Test ``checkpoint``; write metrics.json, confusion_matrix.png and TensorBoard events."""
+             accelerator: str = "auto", tta: bool | None = None) -> dict[str, float]:
+    """Test ``checkpoint``; write metrics.json, confusion_matrix.png, reliability_diagram.png and
+    TensorBoard events. ``tta`` (test-time augmentation over the 8 symmetric views) defaults to
+    the checkpoint's own setting."""
     perf.tune_malloc()
     module = load_checkpoint(checkpoint)
+    if tta is not None:
+        module.tta = tta
     datamodule = evaluation_datamodule(module, prepared, data_dir, batch_size)
     output_dir = Path(output_dir)
     logger = TensorBoardLogger(str(output_dir), name="tensorboard", version="", default_hp_metric=False)
@@ -105,15 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="output folder (default: logs/eval/<time>)")
     parser.add_argument("--batch-size", type=int, help="evaluation batch size")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average the softmax over the 8 rotations/flips of each image "
+                             "(default: as the run was configured)")
     args = parser.parse_args(argv)
     out = Path(args.out or Path("logs") / "eval" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     try:
         results = evaluate(args.checkpoint, out, args.prepared, args.data_dir, args.batch_size,
-                           args.accelerator)
+                           args.accelerator, args.tta)
     except GalaxyError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"test accuracy {results['test/acc']:.4f} (loss {results['test/loss']:.4f}); outputs in {out}")
+    print(f"test accuracy {results['test/acc']:.4f} (loss {results['test/loss']:.4f}, ECE "
+          f"{results['test/ece']:.4f}); outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -3,17 +3,17 @@
 The risk is the tutorial's ``R(w) = -(1/N) sum_i log f_{y_i}(x_i)`` computed from logits with
 ``F.cross_entropy`` (log-softmax, numerically stable), optionally with label smoothing; the
 softmax itself only appears in evaluation and ``predict_step``, where ``tta`` averages it over
-the 8 symmetric views of each image. Hyperparameters are primitives (dicts of the model and optimizer configs, the
-class names, the input geometry), so a checkpoint rebuilds its network with
-``GalaxyClassifier.load_from_checkpoint(path)`` under torch's ``weights_only`` loading.
+the 8 symmetric views of each image. Hyperparameters are primitives (dicts of the model,
+optimizer and scheduler configs, the class names, the input geometry), so a checkpoint rebuilds
+its network with ``GalaxyClassifier.load_from_checkpoint(path)`` under torch's ``weights_only``
+loading. An optional ``scheduler`` (a ``_partial_`` config taking the optimizer) steps every step.
 
-Logged metrics: ``train/loss`` (every ``log_every_n_steps``), ``train/acc`` (training accuracy
-over the batches since the previous validation, as the tutorial measured it every 100
-iterations), ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/loss``, ``test/acc`` and
-per-class accuracies ``{val,test}/acc_class/<name>`` and the expected calibration error
-``{val,test}/ece`` (15 equal-width confidence bins); confusion-matrix images go to TensorBoard,
-and the test's reliability bins to ``test_report`` (plotted by the RunArtifacts callback).
-An optional ``scheduler`` (a ``_partial_`` config taking the optimizer) steps every step.
+Logged metrics: ``train/loss`` (every ``log_every_n_steps``), ``train/lr`` (with a schedule),
+``train/acc`` (training accuracy over the batches since the previous validation, as the tutorial
+measured it every 100 iterations), ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/loss``,
+``test/acc``, per-class accuracies ``{val,test}/acc_class/<name>`` and the expected calibration
+error ``{val,test}/ece`` (15 equal-width confidence bins). Confusion-matrix images go to
+TensorBoard; the test's reliability bins go to ``test_report`` (plotted by RunArtifacts).
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ class GalaxyClassifier(L.LightningModule):
         loss = self.risk(logits, labels, self.hparams.label_smoothing)
         self.train_acc.update(logits.detach().argmax(1), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self.hparams.scheduler:
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

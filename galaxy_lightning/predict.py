@@ -106,12 +106,15 @@ def iter_inputs(inputs: list[str], channels: int, h5_key: str) -> Iterator[tuple
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 256,
-            h5_key: str = "images", allow_resize: bool = False, progress: bool = True
-            ) -> tuple[int, list[tuple[str, str]]]:
-    """Write predictions to ``out_csv``; return (images predicted, [(file, reason skipped)])."""
+            h5_key: str = "images", allow_resize: bool = False, progress: bool = True,
+            tta: bool | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Write predictions to ``out_csv``; return (images predicted, [(file, reason skipped)]).
+    ``tta`` (mean softmax over the 8 symmetric views) defaults to the checkpoint's setting."""
     from tqdm.auto import tqdm
 
     module = load_checkpoint(checkpoint)
+    if tta is not None:
+        module.tta = tta
     names = list(module.hparams.class_names)
     skipped: list[tuple[str, str]] = []
     done = 0
@@ -161,10 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--resize", action="store_true",
                         help="center-crop and resize images whose size does not match")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average the softmax over the 8 rotations/flips of each image "
+                             "(default: as the run was configured)")
     args = parser.parse_args(argv)
     try:
         done, skipped = predict(args.checkpoint, args.inputs, args.out, args.batch_size,
-                                args.h5_key, args.resize)
+                                args.h5_key, args.resize, tta=args.tta)
     except GalaxyError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from galaxy_lightning.data.augment import dihedral, random_dihedral
 from galaxy_lightning.data.datamodule import to_model_input
 from galaxy_lightning.data.prepared import read_prepared, write_prepared
 from galaxy_lightning.errors import GalaxyError
-from galaxy_lightning.evaluate import evaluate, load_checkpoint
+from galaxy_lightning.evaluate import evaluate, evaluation_datamodule, load_checkpoint
+from galaxy_lightning.evaluate import main as evaluate_main
 from galaxy_lightning.export import example_input, export, exportable
 from galaxy_lightning.predict import predict, preprocess
 from galaxy_lightning.train import train
@@ -51,6 +53,22 @@ def test_evaluation_reproduces_the_test_accuracy_exactly(trained: tuple, tmp_pat
     assert written["test_acc_per_class"] == metrics["test_acc_per_class"]
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
     assert list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_evaluation_with_test_time_augmentation(trained: tuple, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    ckpt, metrics, _ = trained
+    evaluate_main([str(ckpt), "--tta", "--out", str(tmp_path / "eval")])
+    assert "ECE" in capsys.readouterr().out
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["tta"] is True and metrics["tta"] is False
+    assert (tmp_path / "eval" / "reliability_diagram.png").is_file()
+    module = load_checkpoint(ckpt)
+    test = evaluation_datamodule(module).split("test")
+    with torch.no_grad():
+        log_probs = module.log_probs(to_model_input(test.images, module.hparams.scale), tta=True)
+    assert written["test_acc"] == pytest.approx((log_probs.argmax(1) == test.labels).float().mean().item())
+    assert written["test_loss"] == pytest.approx(F.nll_loss(log_probs, test.labels).item(), rel=1e-5)
 
 
 def test_evaluation_of_another_prepared_file_and_bad_checkpoints(trained: tuple, tmp_path: Path) -> None:

@@ -77,3 +77,24 @@ def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
+
+
+def test_seed_sweep_from_any_directory_gives_the_comparison_table(tmp_path: Path,
+                                                                   data_dir: Path) -> None:
+    # No hydra.sweep.dir: the default logs/<task>/multiruns/<time> under the launch directory.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *[o for o in TINY if not o.startswith("seed=")],
+         "model.width=1,2", "seed=0,1",
+         f"paths.data_dir={data_dir}", "logger=none"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    jobs = summary(sweep)
+    groups = list(csv.DictReader(open(sweep / "summary_by_config.csv")))
+    assert [g["config"] for g in groups] == ["model.width=1", "model.width=2"]
+    for g in groups:
+        accs = [float(j["test_acc"]) for j in jobs if j["overrides"].startswith(g["config"] + " ")]
+        assert g["runs"] == "2" and g["seeds"] == "0 1" and len(accs) == 2
+        assert float(g["test_acc_mean"]) == pytest.approx(sum(accs) / 2)
+        assert float(g["test_acc_min"]) == min(accs) and int(g["params"]) > 0
+    assert "| model.width=2 |" in result.stdout

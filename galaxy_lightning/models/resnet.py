@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from galaxy_lightning.errors import GalaxyError
-from galaxy_lightning.models.bn_cnn import check_stages, conv_bn_relu
+from galaxy_lightning.models.layers import PooledClassifier, conv_bn_relu, stage_channels, stem
 
 
 class BasicBlock(nn.Module):
@@ -35,7 +35,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.shortcut(x) + self.bn2(self.conv2(self.conv1(x))))
 
 
-class ResNet(nn.Module):
+class ResNet(PooledClassifier):
     """Stem conv 5x5 (stride ``stem_stride``), stages of ``blocks[i]`` basic blocks with
     ``channels[i]`` channels (stride 2 from the second stage on), global average pool, dropout,
     linear."""
@@ -44,22 +44,14 @@ class ResNet(nn.Module):
                  channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
                  stem_stride: int = 2, dropout: float = 0.2, width: float = 1.0) -> None:
         super().__init__()
-        channels = check_stages("ResNet", channels, image_size, stem_stride, width)
+        channels = stage_channels("ResNet", channels, image_size, stem_stride, width, dropout)
         if len(blocks) != len(channels) or any(int(b) < 1 for b in blocks):
             raise GalaxyError(f"model.blocks={list(blocks)} must give a positive block count for "
                               f"each of the {len(channels)} stages in model.channels")
-        if not 0 <= dropout < 1:
-            raise GalaxyError(f"model.dropout={dropout} must be in [0, 1)")
-        layers: list[nn.Module] = [conv_bn_relu(in_channels, channels[0],
-                                                5 if stem_stride > 1 else 3, stem_stride)]
+        layers: list[nn.Module] = [stem(in_channels, channels[0], stem_stride)]
         previous = channels[0]
         for i, (c, n) in enumerate(zip(channels, blocks)):
             for j in range(int(n)):
                 layers.append(BasicBlock(previous, c, 2 if (i > 0 and j == 0) else 1))
                 previous = c
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(previous, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        self.set_layers(layers, previous, num_classes, dropout)
