@@ -68,13 +68,15 @@ def _seed_of(overrides: str) -> str | None:
 
 
 def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Finished jobs grouped by their overrides without ``seed=``: the mean, min and max over
-    seeds of test accuracy and ECE, and the mean training minutes, in sweep order."""
+    """Finished jobs grouped by their overrides without ``seed=`` (and without ``paths.*`` and
+    ``hydra.*``, which say where, not what): the mean, min and max over seeds of test accuracy
+    and ECE, and the mean training minutes, in sweep order."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: (len(r["job"]), r["job"])):
         if r["status"] != "done" or r["test_acc"] is None:
             continue
-        config = re.sub(r"(?:^| )seed=\S+", "", r["overrides"]).strip() or "(all)"
+        config = " ".join(o for o in r["all_overrides"].split()
+                          if not o.startswith(("seed=", "paths.", "hydra."))) or "(defaults)"
         groups.setdefault(config, []).append(r)
     out = []
     for config, members in groups.items():

@@ -269,8 +269,10 @@ def test_sweep_table_groups_seeds() -> None:
         return {"job": str(job), "overrides": overrides, "all_overrides": overrides,
                 "status": "done", "test_acc": acc, "test_ece": ece, "params": 100,
                 "fit_minutes": 2.0, "val_acc_best": acc}
-    rows = [row(0, "experiment=a seed=0", 0.70, 0.02), row(1, "experiment=a seed=1", 0.74, 0.04),
-            row(2, "experiment=b seed=0", 0.90, 0.01), row(3, "experiment=b seed=1", 0.92, 0.03)]
+    rows = [row(0, "experiment=a seed=0 paths.data_dir=/d", 0.70, 0.02),
+            row(1, "experiment=a seed=1 paths.data_dir=/d", 0.74, 0.04),
+            row(2, "experiment=b seed=0 paths.data_dir=/d", 0.90, 0.01),
+            row(3, "experiment=b seed=1 paths.data_dir=/d", 0.92, 0.03)]
     groups = group_by_config(rows)
     assert [g["config"] for g in groups] == ["experiment=a", "experiment=b"]
     assert groups[0]["test_acc_mean"] == pytest.approx(0.72) and groups[0]["seeds"] == "0 1"
