@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from galaxy_lightning.models import count_parameters
 from galaxy_lightning.plots import (
     accuracy_curve_figure,
     confusion_matrix_figure,
@@ -124,7 +125,7 @@ class RunArtifacts(L.Callback):
             # wall time of this process's fit (validation and checkpoints included; a resumed
             # run counts only its own part)
             "fit_seconds": self.fit_seconds,
-            "params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "params": count_parameters(pl_module),
             "checkpoint": str(checkpoint.best_model_path) if checkpoint is not None
             and getattr(checkpoint, "best_model_path", "") else None,
             "history": h,
@@ -172,7 +173,7 @@ class StepTimer(L.Callback):
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "precision": str(trainer.precision),
             "compiled": bool(getattr(pl_module.hparams, "compile", False)),
-            "params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "params": count_parameters(pl_module),
         }
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.output_file, json.dumps(summary, indent=2))

@@ -80,16 +80,16 @@ def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(config, []).append(r)
     out = []
     for config, members in groups.items():
+        minutes = [m["fit_minutes"] for m in members if m["fit_minutes"] is not None]
         row: dict[str, Any] = {
             "config": config, "runs": len(members), "params": members[0]["params"],
-            "seeds": " ".join(str(_seed_of(m["all_overrides"])) for m in members)}
-        for key in ("test_acc", "test_ece", "fit_minutes"):
+            "seeds": " ".join(str(_seed_of(m["all_overrides"])) for m in members),
+            "fit_minutes": statistics.fmean(minutes) if minutes else None}
+        for key in ("test_acc", "test_ece"):
             values = [m[key] for m in members if m[key] is not None]
             row[f"{key}_mean"] = statistics.fmean(values) if values else None
             row[f"{key}_min"] = min(values) if values else None
             row[f"{key}_max"] = max(values) if values else None
-        row["fit_minutes"] = row.pop("fit_minutes_mean")
-        del row["fit_minutes_min"], row["fit_minutes_max"]
         out.append(row)
     return out
 
@@ -116,16 +116,15 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
         writer.writerows(rows)
 
 
-def write_summary(sweep_dir: str | Path) -> Path:
-    """Write ``summary.csv`` (and, for repeated seeds, ``summary_by_config.csv``) into the sweep
-    directory and return the path of ``summary.csv``."""
+def write_summary(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write ``summary.csv`` (and, when configurations repeat over seeds,
+    ``summary_by_config.csv``) into the sweep directory; return the job rows and the groups."""
     rows = summarize(sweep_dir)
-    path = Path(sweep_dir) / "summary.csv"
-    _write_csv(path, COLUMNS, rows)
     groups = group_by_config(rows)
+    _write_csv(Path(sweep_dir) / "summary.csv", COLUMNS, rows)
     if any(g["runs"] > 1 for g in groups):
         _write_csv(Path(sweep_dir) / "summary_by_config.csv", GROUP_COLUMNS, groups)
-    return path
+    return rows, groups
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -147,10 +146,8 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        path = write_summary(sweep_dir)
-        rows = summarize(sweep_dir)
-        print(f"\nsweep summary ({path}):\n{format_table(rows)}", flush=True)
-        groups = group_by_config(rows)
+        rows, groups = write_summary(sweep_dir)
+        print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{format_table(rows)}", flush=True)
         if any(g["runs"] > 1 for g in groups):
-            print(f"\nover seeds ({path.parent / 'summary_by_config.csv'}):\n"
+            print(f"\nover seeds ({sweep_dir / 'summary_by_config.csv'}):\n"
                   f"{markdown_table(groups)}", flush=True)

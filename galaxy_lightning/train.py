@@ -20,6 +20,7 @@ from galaxy_lightning import perf
 from galaxy_lightning.config import validate_config
 from galaxy_lightning.data.datamodule import GalaxyDataModule
 from galaxy_lightning.errors import GalaxyError, user_errors
+from galaxy_lightning.models import count_parameters
 from galaxy_lightning.module import GalaxyClassifier
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
              torch.get_num_threads(), cfg.trainer.get("precision"), bool(cfg.perf.compile))
     info = datamodule.info
     log.info("model %s: %d parameters; data %s (%d images, %dx%dx%d, %d classes)",
-             cfg.model._target_, sum(p.numel() for p in module.parameters() if p.requires_grad),
+             cfg.model._target_, count_parameters(module),
              info.path, info.num_images, info.height, info.width, info.channels, info.num_classes)
 
     if cfg.get("train", True):

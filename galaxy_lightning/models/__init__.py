@@ -8,8 +8,15 @@ plus its own options from the ``model`` config group:
 - :class:`ResNet` (``model=resnet``): a small residual network.
 """
 
+from torch import nn
+
 from galaxy_lightning.models.bn_cnn import BNCNN
 from galaxy_lightning.models.resnet import ResNet
 from galaxy_lightning.models.tutorial_cnn import TutorialCNN
 
-__all__ = ["BNCNN", "ResNet", "TutorialCNN"]
+__all__ = ["BNCNN", "ResNet", "TutorialCNN", "count_parameters"]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters (what the README's tables and metrics.json's ``params`` count)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
