@@ -90,7 +90,7 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | Non
     perf.tune_malloc()
     module = load_checkpoint(checkpoint)
     if tta is not None:
-        module.tta = tta
+        module.hparams.tta = tta
     datamodule = evaluation_datamodule(module, prepared, data_dir, batch_size)
     output_dir = Path(output_dir)
     logger = TensorBoardLogger(str(output_dir), name="tensorboard", version="", default_hp_metric=False)

@@ -123,10 +123,9 @@ class GalaxyClassifier(L.LightningModule):
                  label_smoothing: float = 0.0, tta: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        #: Test-time augmentation: test and predict with the mean softmax over the 8 symmetric
-        #: views (validation during training stays single-view; it picks checkpoints, and 8x
-        #: cost there buys nothing). Settable after loading a checkpoint.
-        self.tta = bool(tta)
+        # hparams.tta (test-time augmentation): test and predict with the mean softmax over the 8
+        # symmetric views. Validation during training stays single-view: it picks checkpoints,
+        # and 8x cost there buys nothing. Evaluation may switch it after loading a checkpoint.
         self.net: nn.Module = instantiate(model, in_channels=in_channels, num_classes=num_classes,
                                           image_size=image_size, _convert_="all")
         self.class_names = list(class_names)
@@ -184,14 +183,14 @@ class GalaxyClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        log_probs = self.log_probs(images, self.tta)
+        log_probs = self.log_probs(images, self.hparams.tta)
         self.test_metrics.update(F.nll_loss(log_probs, labels), log_probs.exp(), labels)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities p(k|x) for each image of the batch (averaged over the 8 views
         with ``tta``)."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.log_probs(images, self.tta).exp()
+        return self.log_probs(images, self.hparams.tta).exp()
 
     # -- epoch ends --------------------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:
@@ -227,7 +226,7 @@ class GalaxyClassifier(L.LightningModule):
             "confusion_matrix": results["confmat"].cpu().tolist(),
             "ece": float(results["ece"]),
             "reliability": results["reliability"],
-            "tta": self.tta,
+            "tta": bool(self.hparams.tta),
         }
 
     def _log_per_class(self, split: str, acc_per_class: torch.Tensor) -> None:

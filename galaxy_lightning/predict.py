@@ -114,7 +114,7 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
 
     module = load_checkpoint(checkpoint)
     if tta is not None:
-        module.tta = tta
+        module.hparams.tta = tta
     names = list(module.hparams.class_names)
     skipped: list[tuple[str, str]] = []
     done = 0

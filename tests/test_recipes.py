@@ -164,7 +164,7 @@ def test_tta_on_an_invariant_model_changes_nothing() -> None:
         got = module.log_probs(x, tta=True).exp()
     assert torch.allclose(got, expected, atol=1e-6)
     assert not torch.allclose(got, module.log_probs(x).exp(), atol=1e-4)
-    module.tta = True
+    module.hparams.tta = True
     assert torch.allclose(module.predict_step(x, 0), expected, atol=1e-6)
 
 
