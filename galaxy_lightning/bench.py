@@ -34,10 +34,12 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from galaxy_lightning.config import CONFIG_PACKAGE
+
 #: Galaxy10 DECaLS class counts (REFERENCE.md), for the full-size look-alike file.
 DECALS_COUNTS = (1081, 1853, 2645, 2027, 334, 2043, 1829, 2628, 1423, 1873)
 
@@ -183,7 +185,7 @@ def _machine() -> str:
 
 def _timed_process(cmd: list[str], result: Path) -> dict[str, Any]:
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     out = json.loads(result.read_text())
@@ -196,8 +198,9 @@ def _timed_process(cmd: list[str], result: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="galaxy_lightning benchmark (prints figures)")
     parser.add_argument("--steps", type=int, default=600, help="training steps per run (600)")
-    parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where data sets are cached")
-    parser.add_argument("--out-dir", default=str(ROOT / "logs" / "bench"), help="results and runs")
+    parser.add_argument("--data-dir", default="data", help="where data sets are cached (./data)")
+    parser.add_argument("--out-dir", default=str(Path("logs") / "bench"),
+                        help="results and runs (./logs/bench)")
     parser.add_argument("--skip-prepare", action="store_true", help="skip the Galaxy10 preparation timing")
     parser.add_argument("--skip-models", action="store_true", help="skip the per-model timings")
     parser.add_argument("--only-models", action="store_true",
@@ -244,7 +247,7 @@ def _train_py_run(args: argparse.Namespace, data_dir: Path, run_dir: Path, steps
                   overrides: list[str]) -> dict[str, Any]:
     res = run_dir.with_suffix(".json")
     return _timed_process(
-        [sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.max_steps={steps}",
+        [sys.executable, "-m", "galaxy_lightning.train", *overrides, f"trainer.max_steps={steps}",
          f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "~callbacks.progress_bar",
          "+callbacks.step_timer._target_=galaxy_lightning.callbacks.StepTimer",
          f"+callbacks.step_timer.output_file={res}"], res)
@@ -254,7 +257,8 @@ def _model_runs(args: argparse.Namespace, data_dir: Path, out_dir: Path,
                 report: dict[str, Any]) -> None:
     """ms per step of every model in the recommended recipe, float32 and fast mode."""
     steps = max(100, args.steps // 2)
-    models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    models = sorted(p.name.removesuffix(".yaml") for p in files(CONFIG_PACKAGE).joinpath("model").iterdir()
+                    if p.name.endswith(".yaml"))
     print(f"\nmodels in the recommended recipe (batch 128, dihedral augmentation, {steps} steps; "
           "ms/step includes validation every 250 steps):")
     print(f"{'model':14s} {'params':>9s} {'f32 ms/step':>12s} {'fast ms/step':>13s} "

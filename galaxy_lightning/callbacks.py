@@ -1,8 +1,11 @@
-"""Run outputs that are files: the tutorial's figures, metrics.json and an image grid of the data.
+"""Run outputs: every figure of a run and ``metrics.json``, from one callback; and a step timer.
 
-The LightningModule computes and logs the metrics; this callback turns them into the files a user
-opens after a run (and into TensorBoard images). The accuracy history lives in the callback's
-state, which Lightning stores in every checkpoint, so a resumed run still plots the whole curve.
+:class:`RunArtifacts` owns the figures: the data examples, the tutorial's accuracy curve, the
+confusion matrices and the reliability diagram. Each is written as a PNG in the run directory and
+sent to every attached logger that can take an image (:func:`log_image`). ``metrics.json`` uses
+the loggers' names for every number (``test/acc``, ``val/acc_best``, ...). The accuracy history
+lives in the callback's state, which Lightning stores in every checkpoint, so a resumed run still
+plots the whole curve.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from matplotlib.figure import Figure
 
 from galaxy_lightning.models import count_parameters
 from galaxy_lightning.plots import (
@@ -28,15 +33,33 @@ from galaxy_lightning.plots import (
 )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def _tensorboard_image(logger: TensorBoardLogger, tag: str, image: np.ndarray, step: int) -> None:
+    logger.experiment.add_image(tag, image, step, dataformats="HWC")
+
+
+#: How each kind of logger takes an image: (logger class, function(logger, tag, HWC uint8, step)).
+IMAGE_SINKS: list[tuple[type[Logger], Any]] = [(TensorBoardLogger, _tensorboard_image)]
+
+
+def log_image(loggers: list[Logger], tag: str, image: np.ndarray, step: int) -> None:
+    """Send an RGB uint8 (H, W, 3) image to every logger that can take one."""
+    for logger in loggers:
+        for kind, sink in IMAGE_SINKS:
+            if isinstance(logger, kind):
+                sink(logger, tag, image, step)
+                break
+
+
 class RunArtifacts(L.Callback):
-    """Writes ``accuracy_curve.png``, ``confusion_matrix.png``, ``reliability_diagram.png``,
-    ``examples.png`` and ``metrics.json``."""
+    """Writes ``examples.png``, ``accuracy_curve.png``, ``confusion_matrix.png``,
+    ``reliability_diagram.png`` and ``metrics.json``, and logs each figure to the loggers."""
 
     def __init__(self, output_dir: str, examples_per_class: int = 8) -> None:
         self.output_dir = Path(output_dir)
@@ -46,7 +69,7 @@ class RunArtifacts(L.Callback):
         self._fit_start: float | None = None
         self.fit_seconds: float | None = None
 
-    # -- state (saved in checkpoints) --------------------------------------------------------
+    # -- state (saved in checkpoints) --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}}
 
@@ -57,28 +80,44 @@ class RunArtifacts(L.Callback):
         if not self.history["val_step"]:
             self.history = {k: list(v) for k, v in state_dict["history"].items()}
 
-    # -- hooks -------------------------------------------------------------------------------
+    # -- figures -----------------------------------------------------------------------------------
+    def _figure(self, trainer: L.Trainer, fig: Figure, tag: str, filename: str | None = None,
+                dpi: int = 120) -> None:
+        """Save ``fig`` as ``filename`` (if given) and log it as ``tag``; closes it."""
+        if filename is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fig.savefig(self.output_dir / filename, dpi=dpi)
+        log_image(trainer.loggers, tag, figure_to_array(fig), trainer.global_step)
+
+    # -- hooks -------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
         if not trainer.is_global_zero or trainer.datamodule is None:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         images, labels = trainer.datamodule.examples(self.examples_per_class)
         fig = image_grid_figure(images, labels, pl_module.class_names, self.examples_per_class)
-        fig.savefig(self.output_dir / "examples.png", dpi=100)
-        self._tensorboard_image(trainer, "data/examples", figure_to_array(fig), 0)
+        self._figure(trainer, fig, "data/examples", "examples.png", dpi=100)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
         step = trainer.global_step
-        if "val/acc" in metrics and (not self.history["val_step"] or self.history["val_step"][-1] != step):
-            self.history["val_step"].append(step)
-            self.history["val_acc"].append(float(metrics["val/acc"]))
-            if "train/acc" in metrics:
-                self.history["train_step"].append(step)
-                self.history["train_acc"].append(float(metrics["train/acc"]))
+        h = self.history
+        if "val/acc" not in metrics or (h["val_step"] and h["val_step"][-1] == step):
+            return
+        acc = float(metrics["val/acc"])
+        improved = not h["val_acc"] or acc > max(h["val_acc"])
+        h["val_step"].append(step)
+        h["val_acc"].append(acc)
+        if "train/acc" in metrics:
+            h["train_step"].append(step)
+            h["train_acc"].append(float(metrics["train/acc"]))
+        summaries = getattr(pl_module, "summaries", {}).get("val")
+        if improved and trainer.is_global_zero and summaries is not None:
+            fig = confusion_matrix_figure(summaries["confusion_matrix"].cpu().numpy(),
+                                          pl_module.class_names, title="val/confusion_matrix_at_best")
+            self._figure(trainer, fig, "val/confusion_matrix_at_best")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._fit_start is not None:
@@ -86,42 +125,41 @@ class RunArtifacts(L.Callback):
         if not trainer.is_global_zero or not self.history["val_step"]:
             return
         h = self.history
-        best = int(h["val_step"][int(np.argmax(h["val_acc"]))])
-        fig = accuracy_curve_figure(h["train_step"], h["train_acc"], h["val_step"], h["val_acc"], best)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / "accuracy_curve.png", dpi=120)
-        self._tensorboard_image(trainer, "curves/accuracy", figure_to_array(fig), trainer.global_step)
+        fig = accuracy_curve_figure(h["train_step"], h["train_acc"], h["val_step"], h["val_acc"],
+                                    self.best_step)
+        self._figure(trainer, fig, "curves/accuracy", "accuracy_curve.png")
+
+    @property
+    def best_step(self) -> int | None:
+        h = self.history
+        return int(h["val_step"][int(np.argmax(h["val_acc"]))]) if h["val_acc"] else None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        report = getattr(pl_module, "test_report", None)
-        if not trainer.is_global_zero or report is None:
+        summaries = getattr(pl_module, "summaries", {}).get("test")
+        if not trainer.is_global_zero or summaries is None:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig = confusion_matrix_figure(np.array(report["confusion_matrix"]), pl_module.class_names,
-                                      title="Test confusion matrix")
-        fig.savefig(self.output_dir / "confusion_matrix.png", dpi=120)
-        figure_to_array(fig)  # closes it
-        bins = report["reliability"]
-        fig = reliability_diagram_figure(bins["count"], bins["confidence"], bins["correct"],
-                                         title="Test reliability" + (" (TTA)" if report["tta"] else ""))
-        fig.savefig(self.output_dir / "reliability_diagram.png", dpi=120)
-        self._tensorboard_image(trainer, "test/reliability_diagram", figure_to_array(fig),
-                                trainer.global_step)
+        confusion = summaries["confusion_matrix"].cpu().numpy()
+        count, confidence, correct = summaries["reliability"].cpu().tolist()
+        tta = bool(getattr(pl_module, "tta", False))
+        self._figure(trainer, confusion_matrix_figure(confusion, pl_module.class_names,
+                                                      title="Test confusion matrix"),
+                     "test/confusion_matrix", "confusion_matrix.png")
+        self._figure(trainer, reliability_diagram_figure(count, confidence, correct,
+                                                         title="Test reliability" + (" (TTA)" if tta else "")),
+                     "test/reliability_diagram", "reliability_diagram.png")
+        scalars = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith("test/") and torch.is_tensor(v) and v.numel() == 1}
         h = self.history
-        best_val = max(h["val_acc"]) if h["val_acc"] else None
         checkpoint = trainer.checkpoint_callback
         metrics = {
-            "test_acc": report["acc"],
-            "test_loss": report["loss"],
-            "test_ece": report["ece"],
-            "tta": report["tta"],
-            "reliability": report["reliability"],
-            "test_acc_per_class": report["acc_per_class"],
-            "confusion_matrix": report["confusion_matrix"],
-            "class_names": list(pl_module.class_names),
-            "val_acc_best": best_val,
-            "best_step": int(h["val_step"][int(np.argmax(h["val_acc"]))]) if h["val_acc"] else None,
+            **dict(sorted(scalars.items())),
+            "test/confusion_matrix": confusion.tolist(),
+            "test/reliability": {"count": count, "confidence": confidence, "correct": correct},
+            "val/acc_best": max(h["val_acc"]) if h["val_acc"] else None,
+            "best_step": self.best_step,
             "global_step": trainer.global_step,
+            "class_names": list(pl_module.class_names),
+            "tta": tta,
             # wall time of this process's fit (validation and checkpoints included; a resumed
             # run counts only its own part)
             "fit_seconds": self.fit_seconds,
@@ -130,13 +168,8 @@ class RunArtifacts(L.Callback):
             and getattr(checkpoint, "best_model_path", "") else None,
             "history": h,
         }
-        _write_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2))
-
-    @staticmethod
-    def _tensorboard_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(tag, image, step, dataformats="HWC")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2))
 
 
 class StepTimer(L.Callback):
@@ -172,8 +205,8 @@ class StepTimer(L.Callback):
             "images_per_s": batch / steady if batch and steady > 0 else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "precision": str(trainer.precision),
-            "compiled": bool(getattr(pl_module.hparams, "compile", False)),
+            "compiled": bool(getattr(pl_module, "_compile", False)),
             "params": count_parameters(pl_module),
         }
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.output_file, json.dumps(summary, indent=2))
+        write_atomic(self.output_file, json.dumps(summary, indent=2))

@@ -1,30 +1,32 @@
-"""Validation of a composed run config, before any data is touched or any step is trained.
+"""Run configs: where they live, how they are checked, and how a ``_target_`` node becomes an object.
 
-Hydra already refuses overrides of keys that do not exist (``model.chanels=...``). What it cannot
-see is a key that a config file or a ``+key=`` override adds but the ``_target_`` does not accept,
-or a value that is out of range; those would otherwise surface as a traceback minutes into a run.
-Every problem here is a :class:`GalaxyError` naming the key and the fix.
+The configs ship inside the package as ``galaxy_lightning.conf`` (the repository's ``conf/``
+folder, mapped by ``pyproject.toml``), so an installed package trains from any directory.
+
+:func:`validate_config` runs before any data is touched. It derives what is allowed from the
+configs and targets themselves: the top-level keys from ``conf/train.yaml``, the ``perf`` keys
+from ``conf/perf/default.yaml``, and the keys of every ``_target_`` node from the target's
+signature. Value ranges are checked by the targets themselves when :func:`construct` builds them
+(the DataModule, the model, the Trainer, the optimizer); only keys that have no target
+(``seed``, ``label_smoothing``, ``tta``, ``perf.*``, ``trainer.max_steps`` where Lightning
+accepts 0) are checked here.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
+from importlib.resources import files
 from typing import Any
 
-import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError, config_key
 
-#: Top-level keys of ``conf/train.yaml`` (plus ``hydra``, which Hydra adds).
-TOP_LEVEL_KEYS = frozenset({
-    "task_name", "seed", "ckpt_path", "train", "test", "optimized_metric",
-    "paths", "data", "model", "optimizer", "scheduler", "label_smoothing", "tta", "trainer",
-    "logger", "callbacks", "perf", "hydra",
-})
-PERF_KEYS = frozenset({"compile", "threads", "matmul_precision", "tune_malloc"})
+#: The package that holds the Hydra configs (``pkg://galaxy_lightning.conf``).
+CONFIG_PACKAGE = "galaxy_lightning.conf"
 #: Arguments that the training code fills in; a config must not set them.
 FILLED_IN = {
     "model": {"in_channels", "num_classes", "image_size"},
@@ -34,14 +36,74 @@ FILLED_IN = {
 }
 
 
-def _target(node: DictConfig, key: str) -> Callable[..., Any]:
+def config_file(*parts: str) -> DictConfig:
+    """A config file of the package, e.g. ``config_file("perf", "default.yaml")``."""
+    resource = files(CONFIG_PACKAGE).joinpath(*parts)
+    loaded = OmegaConf.create(resource.read_text())
+    assert isinstance(loaded, DictConfig)
+    return loaded
+
+
+@functools.cache
+def top_level_keys() -> frozenset[str]:
+    """The keys of ``conf/train.yaml`` and its config groups (plus ``hydra``)."""
+    primary = config_file("train.yaml")
+    groups = set()
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, (DictConfig, Mapping)):
+            groups.update(str(k).split("@")[0].lstrip("/") for k in entry)
+    return frozenset({str(k) for k in primary if k != "defaults"} | groups | {"hydra"})
+
+
+@functools.cache
+def perf_keys() -> frozenset[str]:
+    return frozenset(str(k) for k in config_file("perf", "default.yaml"))
+
+
+# -- building objects from config nodes ----------------------------------------------------------
+def _import_target(path: str, key: str) -> Any:
     try:
-        return get_object(node["_target_"])
-    except Exception:  # noqa: BLE001 - hydra raises several types for a bad path
-        raise GalaxyError(f"{key}._target_={node['_target_']!r} cannot be imported; check its "
-                          "spelling") from None
+        return get_object(path)
+    except Exception:  # noqa: BLE001 - Hydra raises several types for a path that does not import
+        raise ConfigError(f"{key}._target_={path!r} cannot be imported; check its spelling") from None
 
 
+def _build(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        if "_target_" in value:
+            return _call(value, key, {})
+        return {k: _build(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_build(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _call(node: dict[str, Any], key: str, filled_in: Mapping[str, Any]) -> Any:
+    target = _import_target(node["_target_"], key)
+    kwargs = {k: _build(v, f"{key}.{k}") for k, v in node.items() if not k.startswith("_")}
+    kwargs.update(filled_in)
+    if node.get("_partial_", False):
+        return functools.partial(target, **kwargs)
+    with config_key(key):
+        return target(**kwargs)
+
+
+def construct(node: DictConfig | Mapping[str, Any], key: str, **filled_in: Any) -> Any:
+    """The object a ``_target_`` node describes, nested ``_target_`` nodes built first.
+
+    Like ``hydra.utils.instantiate`` (``_partial_`` included), but an error the target raises
+    reaches the caller as itself instead of wrapped: a :class:`ConfigError` gains the config key
+    of the node it came from (``data.source: crop=300 is larger than ...``), anything else keeps
+    its traceback. ``filled_in`` are arguments the training code supplies (the data's shape).
+    """
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    assert isinstance(data, dict)
+    if "_target_" not in data:
+        raise ConfigError(f"{key} has no _target_; choose a config, e.g. {key}=<name>")
+    return _call(data, key, filled_in)
+
+
+# -- validation ----------------------------------------------------------------------------------
 def _check_keys(node: Any, key: str, filled_in: Iterable[str] = ()) -> None:
     """Every key of a ``_target_`` node must be a parameter of the target (recursively)."""
     if not isinstance(node, DictConfig):
@@ -50,21 +112,21 @@ def _check_keys(node: Any, key: str, filled_in: Iterable[str] = ()) -> None:
                 _check_keys(item, f"{key}[{i}]")
         return
     if "_target_" in node:
-        target = _target(node, key)
+        target = _import_target(node["_target_"], key)
         try:
             params = inspect.signature(target).parameters
         except (TypeError, ValueError):
-            params = {}
+            params = {}  # a builtin without a signature: accept its keys
         takes_any = not params or any(p.kind is p.VAR_KEYWORD for p in params.values())
         accepted = {name for name in params if name not in ("self", "args", "kwargs")}
         for name in node:
             if str(name).startswith("_") and str(name).endswith("_"):
                 continue
             if name in filled_in:
-                raise GalaxyError(f"{key}.{name} is set from the data or by the training code; "
-                                  f"remove it from the config")
+                raise ConfigError(f"{key}.{name} is set from the data or by the training code; "
+                                  "remove it from the config")
             if not takes_any and name not in accepted:
-                raise GalaxyError(f"unknown config key '{key}.{name}' for {node['_target_']} "
+                raise ConfigError(f"unknown config key '{key}.{name}' for {node['_target_']} "
                                   f"(it accepts: {', '.join(sorted(accepted - set(filled_in)))}); "
                                   "remove it or fix its spelling")
     for name in node:
@@ -74,81 +136,52 @@ def _check_keys(node: Any, key: str, filled_in: Iterable[str] = ()) -> None:
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise GalaxyError(message)
+        raise ConfigError(message)
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`GalaxyError` for unknown keys or invalid values in a composed run config."""
-    unknown = sorted(set(cfg.keys()) - TOP_LEVEL_KEYS)
+    """Raise :class:`ConfigError` for unknown keys, missing values, or invalid values of keys that
+    have no ``_target_`` to check them, in a composed run config."""
+    allowed = top_level_keys()
+    unknown = sorted(set(cfg.keys()) - allowed)
     if unknown:
-        raise GalaxyError(f"unknown top-level config key '{unknown[0]}' (known: "
-                          f"{', '.join(sorted(TOP_LEVEL_KEYS - {'hydra'}))}); remove it or fix its "
-                          "spelling")
+        raise ConfigError(f"unknown top-level config key '{unknown[0]}' (known: "
+                          f"{', '.join(sorted(allowed - {'hydra'}))}); remove it or fix its spelling")
     missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     if missing:
-        raise GalaxyError(f"config key '{missing[0]}' has no value (???); set it on the command "
+        raise ConfigError(f"config key '{missing[0]}' has no value (???); set it on the command "
                           f"line, e.g. {missing[0]}=...")
     for group in ("data", "model", "optimizer", "trainer"):
         _require(group in cfg and isinstance(cfg[group], DictConfig) and "_target_" in cfg[group],
                  f"config group '{group}' is missing or has no _target_; choose one, e.g. "
                  f"{group}=<name> (see conf/{group}/)")
         _check_keys(cfg[group], group, FILLED_IN.get(group, ()))
-    for group in ("logger", "callbacks"):
-        if cfg.get(group):
-            for name in cfg[group]:
-                _check_keys(cfg[group]._get_node(name), f"{group}.{name}")
-
-    perf = cfg.get("perf") or {}
-    for key in perf:
-        _require(key in PERF_KEYS, f"unknown config key 'perf.{key}' (known: "
-                                   f"{', '.join(sorted(PERF_KEYS))}); remove it or fix its spelling")
-    _require(perf.get("threads") is None or (isinstance(perf.threads, int) and perf.threads >= 1),
-             f"perf.threads={perf.get('threads')} must be a positive integer or null")
-
-    data = cfg.data
-    for key in ("batch_size", "eval_batch_size"):
-        if key in data:
-            value = data[key]
-            _require(isinstance(value, int) and value >= 1,
-                     f"data.{key}={value} must be a positive integer")
-    _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
-    _require(cfg.get("train", True) or cfg.get("ckpt_path") is not None,
-             "train=false needs ckpt_path=<checkpoint> to test")
-
-    trainer = cfg.trainer
-    max_steps = trainer.get("max_steps", -1)
-    _require(isinstance(max_steps, int) and (max_steps == -1 or max_steps >= 1),
-             f"trainer.max_steps={max_steps} must be -1 (no limit) or a positive integer")
-    interval = trainer.get("val_check_interval", None)
-    _require(interval is None or (isinstance(interval, (int, float)) and interval > 0),
-             f"trainer.val_check_interval={interval} must be positive")
-
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    assert isinstance(optimizer, dict)
-    lr = optimizer.get("lr")
-    _require(lr is None or (isinstance(lr, (int, float)) and lr > 0),
-             f"optimizer.lr={lr} must be a positive number")
-    try:  # let the optimizer itself check the rest (betas, momentum, weight decay, ...)
-        dummy = instantiate(optimizer, _partial_=True)([torch.nn.Parameter(torch.zeros(1))])
-    except (ValueError, TypeError) as err:
-        raise GalaxyError(f"optimizer ({optimizer['_target_']}) rejects its settings: {err}; fix "
-                          "the optimizer.* values") from None
-
-    smoothing = cfg.get("label_smoothing", 0.0)
-    _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
-             f"label_smoothing={smoothing} must be in [0, 1)")
-    _require(isinstance(cfg.get("tta", False), bool), f"tta={cfg.get('tta')} must be true or false")
     if cfg.get("scheduler"):
         _require("_target_" in cfg.scheduler, "scheduler has no _target_; choose one: scheduler="
                  "none, cosine or onecycle (see conf/scheduler/)")
         _check_keys(cfg.scheduler, "scheduler", FILLED_IN["scheduler"])
-        scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
-        assert isinstance(scheduler, dict)
-        _require(scheduler.get("total_steps", 1) is None or scheduler.get("total_steps", 1) >= 1,
-                 f"scheduler.total_steps={scheduler.get('total_steps')} must be positive: a "
-                 "schedule needs trainer.max_steps (not -1)")
-        try:  # the scheduler checks its own settings on the dummy optimizer
-            instantiate(scheduler, _partial_=True)(dummy)
-        except (ValueError, TypeError) as err:
-            raise GalaxyError(f"scheduler ({scheduler['_target_']}) rejects its settings: {err}; "
-                              "fix the scheduler.* values") from None
+    for group in ("logger", "callbacks"):
+        for name in cfg.get(group) or {}:
+            _check_keys(cfg[group]._get_node(name), f"{group}.{name}")
+
+    perf = cfg.get("perf") or {}
+    for key in perf:
+        _require(key in perf_keys(), f"unknown config key 'perf.{key}' (known: "
+                                     f"{', '.join(sorted(perf_keys()))}); remove it or fix its spelling")
+    _require(perf.get("threads") is None or (isinstance(perf.threads, int) and perf.threads >= 1),
+             f"perf.threads={perf.get('threads')} must be a positive integer or null")
+
+    _require(isinstance(cfg.seed, int), f"seed={cfg.seed} must be an integer")
+    _require(cfg.get("train", True) or cfg.get("ckpt_path") is not None,
+             "train=false needs ckpt_path=<checkpoint> to test")
+    # Lightning accepts 0 steps and a validation interval of 0; neither makes a run.
+    max_steps = cfg.trainer.get("max_steps", -1)
+    _require(isinstance(max_steps, int) and (max_steps == -1 or max_steps >= 1),
+             f"trainer.max_steps={max_steps} must be -1 (no limit) or a positive integer")
+    interval = cfg.trainer.get("val_check_interval", None)
+    _require(interval is None or (isinstance(interval, (int, float)) and interval > 0),
+             f"trainer.val_check_interval={interval} must be positive")
+    smoothing = cfg.get("label_smoothing", 0.0)
+    _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
+             f"label_smoothing={smoothing} must be in [0, 1)")
+    _require(isinstance(cfg.get("tta", False), bool), f"tta={cfg.get('tta')} must be true or false")

@@ -1,27 +1,66 @@
-"""The one exception type users see: a one-line message that names the file or key and the fix."""
+"""The exceptions users see, and the one boundary that prints them.
+
+Library code raises these with a complete, one-line message worded for any caller (a Python user
+or the command line): what is wrong, with which file or parameter, and the fix. The entry points
+(``galaxy-train``/``train.py``, ``galaxy-evaluate``, ``galaxy-predict``, ``galaxy-export``) are
+the only places that catch them: :func:`cli_boundary` prints ``error: <message>`` and exits 2.
+Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import wraps
+from typing import ParamSpec, TypeVar
 
-from hydra.errors import InstantiationException
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Exit status of a run refused for bad input (argparse and Hydra use 2 for usage errors too).
+EXIT_BAD_INPUT = 2
 
 
 class GalaxyError(Exception):
-    """A problem with the user's input (config, data file, checkpoint), reported without a traceback."""
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+class ConfigError(GalaxyError, ValueError):
+    """An invalid parameter value or combination. Constructors raise it naming the parameter
+    (``depth=0 must be at least 1``); :func:`config_key` prefixes the config key it came from."""
+
+
+class DataError(GalaxyError):
+    """A data file (source, prepared file, catalog, image) is missing, unreadable or
+    inconsistent; the message names the file."""
+
+
+class CheckpointError(GalaxyError):
+    """A checkpoint is missing, unreadable, or does not fit the model or data it is used with."""
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Re-raise a :class:`GalaxyError` that Hydra's ``instantiate`` wrapped (in an
-    ``InstantiationException`` naming the target) as itself, so the user sees its one line."""
+def config_key(key: str) -> Iterator[None]:
+    """Prefix a :class:`GalaxyError` raised inside with the config key whose values caused it:
+    ``depth=0 must be at least 1`` becomes ``model: depth=0 must be at least 1``, so a command-line
+    user knows which ``key=value`` to change. The exception keeps its class."""
     try:
         yield
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, GalaxyError):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        raise cause from None
+    except GalaxyError as err:
+        raise type(err)(f"{key}: {err}") from None
+
+
+def cli_boundary(main: Callable[P, R]) -> Callable[P, R]:
+    """Decorate an entry point: a :class:`GalaxyError` becomes ``error: <message>`` on stderr and
+    exit status 2; every other exception propagates unchanged."""
+
+    @wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return main(*args, **kwargs)
+        except GalaxyError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+
+    return wrapper

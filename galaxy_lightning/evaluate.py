@@ -5,26 +5,27 @@ file, same split seed), so the test accuracy of a training run is reproduced exa
 ``--prepared FILE`` every image of another prepared file is evaluated instead. Writes what a
 training run writes for its test: ``metrics.json``, ``confusion_matrix.png``,
 ``reliability_diagram.png`` and TensorBoard entries (test scalars, confusion-matrix image,
-hparams). ``--tta`` / ``--no-tta`` switch test-time augmentation on or off.
+hparams). ``--tta`` / ``--no-tta`` switch test-time augmentation on or off (default: as the run
+was configured).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from galaxy_lightning import perf
 from galaxy_lightning.callbacks import RunArtifacts
+from galaxy_lightning.checkpoints import load_classifier
+from galaxy_lightning.config import construct
 from galaxy_lightning.data.datamodule import GalaxyDataModule
 from galaxy_lightning.data.prepared import read_info
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import CheckpointError, DataError, cli_boundary, config_key
 from galaxy_lightning.module import GalaxyClassifier
 
 
@@ -38,46 +39,34 @@ class PreparedFile:
         return Path(self.path)
 
 
-def load_checkpoint(path: str | Path) -> GalaxyClassifier:
-    """The LightningModule of a checkpoint, on the CPU, in eval mode, with a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise GalaxyError(f"{path}: checkpoint not found; pass a .ckpt file from a run's "
-                          "checkpoints/ folder")
-    try:
-        module = GalaxyClassifier.load_from_checkpoint(path, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - torch/Lightning raise many types for a bad file
-        raise GalaxyError(f"{path}: not a galaxy_lightning checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    return module.eval()
-
-
 def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
                           data_dir: str | None = None, batch_size: int | None = None
                           ) -> GalaxyDataModule:
-    """The checkpoint's test split (or all of ``prepared``), preprocessed as in training."""
-    hp = module.hparams
+    """The checkpoint's test split (or all of ``prepared``); refused unless its input spec gives
+    the model what it was trained on (classes, channels, image size)."""
     if prepared is not None:
-        info = read_info(prepared)
-        if info.class_names != list(hp.class_names):
-            raise GalaxyError(f"{prepared}: classes {info.class_names} differ from the "
-                              f"checkpoint's {list(hp.class_names)}")
-        datamodule = GalaxyDataModule(PreparedFile(prepared), scale=hp.scale, test_only=True,
+        datamodule = GalaxyDataModule(PreparedFile(prepared), test_only=True,
                                       eval_batch_size=batch_size or 1000)
     else:
-        if not hp.get("data"):
-            raise GalaxyError("this checkpoint does not record its data config; pass --prepared FILE")
-        config: dict[str, Any] = dict(hp.data)
+        if not module.hparams.get("data"):
+            raise CheckpointError("this checkpoint does not record its data config; pass a "
+                                  "prepared file to evaluate")
+        config: dict[str, Any] = dict(module.hparams.data)
         if data_dir is not None:
             config["data_dir"] = data_dir
         if batch_size is not None:
             config["eval_batch_size"] = batch_size
-        datamodule = instantiate(config, _convert_="all")
-    datamodule.prepare_data()
-    info = datamodule.info
-    if (info.channels, info.height) != (hp.in_channels, hp.image_size):
-        raise GalaxyError(f"{info.path}: images are {info.height}x{info.width}x{info.channels}; the "
-                          f"model takes {hp.image_size}x{hp.image_size}x{hp.in_channels}")
+        datamodule = construct(config, "data")
+    with config_key("data"):
+        datamodule.prepare_data()
+    data, model = datamodule.spec, module.spec
+    if data.class_names != model.class_names:
+        raise DataError(f"{datamodule.path}: classes {list(data.class_names)} differ from the "
+                        f"checkpoint's {list(model.class_names)}")
+    if (data.channels, data.image_size) != (model.channels, model.image_size):
+        raise DataError(f"{datamodule.path}: images are {data.image_size}x{data.image_size}x"
+                        f"{data.channels}; the model takes {model.image_size}x{model.image_size}x"
+                        f"{model.channels}")
     return datamodule
 
 
@@ -86,25 +75,25 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | Non
              accelerator: str = "auto", tta: bool | None = None) -> dict[str, float]:
     """Test ``checkpoint``; write metrics.json, confusion_matrix.png, reliability_diagram.png and
     TensorBoard events. ``tta`` (test-time augmentation over the 8 symmetric views) defaults to
-    the checkpoint's own setting."""
+    the run's own setting."""
     perf.tune_malloc()
-    module = load_checkpoint(checkpoint)
-    if tta is not None:
-        module.hparams.tta = tta
+    module = load_classifier(checkpoint).set_inference(tta=tta)
     datamodule = evaluation_datamodule(module, prepared, data_dir, batch_size)
     output_dir = Path(output_dir)
     logger = TensorBoardLogger(str(output_dir), name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger,
                         callbacks=[RunArtifacts(str(output_dir))], enable_model_summary=False)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    logger.log_hyperparams({"checkpoint": str(checkpoint), "data": str(datamodule.path)},
-                           {"hparams/test_acc": results["test/acc"]})
+    logger.log_hyperparams({"checkpoint": str(checkpoint), "data": str(datamodule.path),
+                            "tta": module.tta},
+                           metrics={k: results[k] for k in ("test/acc", "test/ece")}, step=0)
     return {k: float(v) for k, v in results.items()}
 
 
+@cli_boundary
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="galaxy-evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a .ckpt file written by train.py")
+    parser.add_argument("checkpoint", help="a .ckpt file written by galaxy-train")
     parser.add_argument("--prepared", help="evaluate every image of this prepared file instead")
     parser.add_argument("--data-dir", help="where the checkpoint's data lives now (default: as in training)")
     parser.add_argument("--out", help="output folder (default: logs/eval/<time>)")
@@ -115,12 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: as the run was configured)")
     args = parser.parse_args(argv)
     out = Path(args.out or Path("logs") / "eval" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    try:
-        results = evaluate(args.checkpoint, out, args.prepared, args.data_dir, args.batch_size,
-                           args.accelerator, args.tta)
-    except GalaxyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    results = evaluate(args.checkpoint, out, args.prepared, args.data_dir, args.batch_size,
+                       args.accelerator, args.tta)
     print(f"test accuracy {results['test/acc']:.4f} (loss {results['test/loss']:.4f}, ECE "
           f"{results['test/ece']:.4f}); outputs in {out}")
 

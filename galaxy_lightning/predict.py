@@ -1,11 +1,13 @@
 """Classify new images with a checkpoint: ``galaxy-predict CKPT INPUT... --out predictions.csv``.
 
 Inputs are PNG/JPEG files, folders of them, or HDF5 files (``--h5-key``, default ``images``).
-The checkpoint says how training saw its images, and prediction repeats it: the source crop
-(e.g. 256 -> 96 for Galaxy10 DECaLS) and resize, the channel count (RGB or grayscale), the pixel
-scale, the class names. An image of another size is refused with a message unless ``--resize``
-asks to center-crop it to a square and resize it. Unreadable files are reported and skipped.
-The CSV has one row per image: file, predicted class, and the probability of every class.
+The checkpoint's input spec says how training saw its images, and prediction repeats it
+(:meth:`~galaxy_lightning.input_spec.InputSpec.conform`, then the model's own preprocessing):
+the source crop (e.g. 256 -> 96 for Galaxy10 DECaLS) and resize, the channel count (RGB or
+grayscale), the pixel scale, the class names. An image of another size is refused with a
+message unless ``--resize`` asks to center-crop it to a square and resize it. Unreadable files
+are reported and skipped. The CSV has one row per image: file, predicted class, and the
+probability of every class.
 """
 
 from __future__ import annotations
@@ -19,44 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from galaxy_lightning.data.datamodule import to_model_input
-from galaxy_lightning.data.hdf5_source import center_crop, resize_uint8
-from galaxy_lightning.errors import GalaxyError
-from galaxy_lightning.evaluate import load_checkpoint
-from galaxy_lightning.module import GalaxyClassifier
+from galaxy_lightning.checkpoints import load_classifier
+from galaxy_lightning.errors import ConfigError, DataError, cli_boundary
+from galaxy_lightning.input_spec import SizeMismatch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def preprocess(image: np.ndarray, module: GalaxyClassifier, allow_resize: bool = False) -> np.ndarray:
-    """uint8 (H, W, C) -> uint8 (S, S, C) exactly as the checkpoint's training data was made."""
-    hp = module.hparams
-    size, channels = int(hp.image_size), int(hp.in_channels)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] != channels:
-        if image.shape[-1] == 1 and channels == 3:
-            image = np.repeat(image, 3, axis=-1)
-        elif image.shape[-1] == 4 and channels == 3:
-            image = image[..., :3]
-        else:
-            raise GalaxyError(f"has {image.shape[-1]} channels; the model takes {channels}")
-    h, w = image.shape[:2]
-    batch = image[None]
-    crop, resize = hp.get("crop"), hp.get("resize")
-    if (h, w) == (size, size):
-        return image
-    if crop and h >= crop and w >= crop and (resize or crop) == size:
-        batch = center_crop(batch, crop)  # the training pipeline: crop, then resize
-        if resize and resize != crop:
-            batch = resize_uint8(batch, resize)
-        return batch[0]
-    if not allow_resize:
-        how = f" (training cropped {crop} px{f' and resized to {resize}' if resize else ''})" if crop else ""
-        raise GalaxyError(f"is {h}x{w}; the model takes {size}x{size}{how}; pass --resize to "
-                          "center-crop and resize it")
-    square = center_crop(batch, min(h, w))
-    return (resize_uint8(square, size) if min(h, w) != size else square)[0]
 
 
 def _read_image(path: Path, channels: int) -> np.ndarray:
@@ -76,7 +45,7 @@ def iter_inputs(inputs: list[str], channels: int, h5_key: str) -> Iterator[tuple
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                yield str(path), GalaxyError("folder has no PNG or JPEG files")
+                yield str(path), DataError("folder has no PNG or JPEG files")
             for f in files:
                 try:
                     yield str(f), _read_image(f, channels)
@@ -86,11 +55,11 @@ def iter_inputs(inputs: list[str], channels: int, h5_key: str) -> Iterator[tuple
             try:
                 with h5py.File(path, "r") as f:
                     if h5_key not in f:
-                        raise GalaxyError(f"key '{h5_key}' not found (keys: {', '.join(f.keys())}); "
-                                          "set --h5-key")
+                        raise DataError(f"key '{h5_key}' not found (keys: {', '.join(f.keys())}); "
+                                        "set --h5-key")
                     data = f[h5_key]
                     if data.dtype != np.uint8:
-                        raise GalaxyError(f"'{h5_key}' is {data.dtype}; prediction takes uint8 images")
+                        raise DataError(f"'{h5_key}' is {data.dtype}; prediction takes uint8 images")
                     for start in range(0, len(data), 1024):
                         block = data[start:start + 1024]
                         for i, img in enumerate(block):
@@ -112,10 +81,9 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
     ``tta`` (mean softmax over the 8 symmetric views) defaults to the checkpoint's setting."""
     from tqdm.auto import tqdm
 
-    module = load_checkpoint(checkpoint)
-    if tta is not None:
-        module.hparams.tta = tta
-    names = list(module.hparams.class_names)
+    module = load_classifier(checkpoint).set_inference(tta=tta)
+    spec = module.spec
+    names = list(spec.class_names)
     skipped: list[tuple[str, str]] = []
     done = 0
     out_csv = Path(out_csv)
@@ -130,8 +98,7 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
             nonlocal done
             if not pending:
                 return
-            images = torch.from_numpy(np.stack([img for _, img in pending]))
-            probs = module.predict_step(to_model_input(images, module.hparams.scale), 0)
+            probs = module.probabilities(torch.from_numpy(np.stack([img for _, img in pending])))
             for (name, _), p in zip(pending, probs.tolist()):
                 k = int(np.argmax(p))
                 writer.writerow([name, names[k], k, *[f"{x:.6g}" for x in p]])
@@ -139,13 +106,16 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
             bar.update(len(pending))
             pending.clear()
 
-        for name, image in iter_inputs(inputs, int(module.hparams.in_channels), h5_key):
+        for name, image in iter_inputs(inputs, spec.channels, h5_key):
             if isinstance(image, Exception):
                 skipped.append((name, str(image).splitlines()[0] if str(image) else type(image).__name__))
                 continue
             try:
-                pending.append((name, preprocess(image, module, allow_resize)))
-            except GalaxyError as err:
+                pending.append((name, spec.conform(image[None], allow_resize)[0]))
+            except SizeMismatch as err:
+                skipped.append((name, f"{err} (--resize)"))
+                continue
+            except ConfigError as err:
                 skipped.append((name, str(err)))
                 continue
             if len(pending) >= batch_size:
@@ -155,9 +125,10 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
     return done, skipped
 
 
+@cli_boundary
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="galaxy-predict", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a .ckpt file written by train.py")
+    parser.add_argument("checkpoint", help="a .ckpt file written by galaxy-train")
     parser.add_argument("inputs", nargs="+", help="image files, folders of them, or HDF5 files")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (predictions.csv)")
     parser.add_argument("--h5-key", default="images", help="dataset of uint8 images in HDF5 inputs")
@@ -168,12 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="average the softmax over the 8 rotations/flips of each image "
                              "(default: as the run was configured)")
     args = parser.parse_args(argv)
-    try:
-        done, skipped = predict(args.checkpoint, args.inputs, args.out, args.batch_size,
-                                args.h5_key, args.resize, tta=args.tta)
-    except GalaxyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    done, skipped = predict(args.checkpoint, args.inputs, args.out, args.batch_size,
+                            args.h5_key, args.resize, tta=args.tta)
     for name, reason in skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     print(f"{done} images classified -> {args.out}" + (f"; {len(skipped)} skipped" if skipped else ""))

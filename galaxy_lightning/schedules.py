@@ -12,7 +12,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
@@ -25,13 +25,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
     are still moving; a short ramp avoids a destructive first update at a high rate.
     """
     if total_steps < 1:
-        raise GalaxyError(f"scheduler.total_steps={total_steps} must be positive (it follows "
-                          "trainer.max_steps; set a step limit)")
+        raise ConfigError(f"total_steps={total_steps} must be positive (a schedule "
+                          "needs a step limit: trainer.max_steps)")
     if not 0 <= warmup_fraction < 1:
-        raise GalaxyError(f"scheduler.warmup_fraction={warmup_fraction} must be in [0, 1)")
+        raise ConfigError(f"warmup_fraction={warmup_fraction} must be in [0, 1)")
     warmup_steps = int(round(warmup_fraction * total_steps))
     if not 0 <= final_lr_fraction <= 1:
-        raise GalaxyError(f"scheduler.final_lr_fraction={final_lr_fraction} must be in [0, 1]")
+        raise ConfigError(f"final_lr_fraction={final_lr_fraction} must be in [0, 1]")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

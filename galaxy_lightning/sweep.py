@@ -24,10 +24,12 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "overrides", "val_acc_best", "test_acc", "test_ece", "best_step", "params",
-           "fit_minutes", "status", "run_dir", "all_overrides"]
-GROUP_COLUMNS = ["config", "runs", "seeds", "params", "fit_minutes", "test_acc_mean",
-                 "test_acc_min", "test_acc_max", "test_ece_mean", "test_ece_min", "test_ece_max"]
+#: The results each job contributes, under the names the run logged them (and metrics.json has).
+RESULTS = ("val/acc_best", "test/acc", "test/ece")
+COLUMNS = ["job", "overrides", *RESULTS, "best_step", "params", "fit_minutes", "status", "run_dir",
+           "all_overrides"]
+GROUP_COLUMNS = ["config", "runs", "seeds", "params", "fit_minutes", "test/acc_mean",
+                 "test/acc_min", "test/acc_max", "test/ece_mean", "test/ece_min", "test/ece_max"]
 
 
 def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -46,19 +48,18 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
         if metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
             seconds = metrics.get("fit_seconds")
-            row.update(val_acc_best=metrics.get("val_acc_best"), test_acc=metrics.get("test_acc"),
-                       test_ece=metrics.get("test_ece"), best_step=metrics.get("best_step"),
+            row.update({k: metrics.get(k) for k in RESULTS}, best_step=metrics.get("best_step"),
                        params=metrics.get("params"),
                        fit_minutes=seconds / 60 if seconds is not None else None, status="done")
         else:
-            row.update(val_acc_best=None, test_acc=None, test_ece=None, best_step=None,
-                       params=None, fit_minutes=None, status="no metrics.json")
+            row.update(dict.fromkeys(RESULTS), best_step=None, params=None, fit_minutes=None,
+                       status="no metrics.json")
         rows.append(row)
     common = set.intersection(*(set(r["all_overrides"]) for r in rows)) if len(rows) > 1 else set()
     for r in rows:
         r["overrides"] = " ".join(o for o in r["all_overrides"] if o not in common)
         r["all_overrides"] = " ".join(r["all_overrides"])
-    rows.sort(key=lambda r: -(r["val_acc_best"] if r["val_acc_best"] is not None else -1))
+    rows.sort(key=lambda r: -(r["val/acc_best"] if r["val/acc_best"] is not None else -1))
     return rows
 
 
@@ -73,7 +74,7 @@ def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     and ECE, and the mean training minutes, in sweep order."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: (len(r["job"]), r["job"])):
-        if r["status"] != "done" or r["test_acc"] is None:
+        if r["status"] != "done" or r["test/acc"] is None:
             continue
         config = " ".join(o for o in r["all_overrides"].split()
                           if not o.startswith(("seed=", "paths.", "hydra."))) or "(defaults)"
@@ -85,7 +86,7 @@ def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "config": config, "runs": len(members), "params": members[0]["params"],
             "seeds": " ".join(str(_seed_of(m["all_overrides"])) for m in members),
             "fit_minutes": statistics.fmean(minutes) if minutes else None}
-        for key in ("test_acc", "test_ece"):
+        for key in ("test/acc", "test/ece"):
             values = [m[key] for m in members if m[key] is not None]
             row[f"{key}_mean"] = statistics.fmean(values) if values else None
             row[f"{key}_min"] = min(values) if values else None
@@ -99,10 +100,10 @@ def markdown_table(groups: list[dict[str, Any]]) -> str:
     lines = ["| config | params | minutes | test accuracy: mean (min-max) | ECE: mean (min-max) | seeds |",
              "|---|---:|---:|---|---|---|"]
     for g in groups:
-        acc = "-" if g["test_acc_mean"] is None else (
-            f"{100 * g['test_acc_mean']:.1f}% ({100 * g['test_acc_min']:.1f}-{100 * g['test_acc_max']:.1f})")
-        ece = "-" if g["test_ece_mean"] is None else (
-            f"{g['test_ece_mean']:.3f} ({g['test_ece_min']:.3f}-{g['test_ece_max']:.3f})")
+        acc = "-" if g["test/acc_mean"] is None else (
+            f"{100 * g['test/acc_mean']:.1f}% ({100 * g['test/acc_min']:.1f}-{100 * g['test/acc_max']:.1f})")
+        ece = "-" if g["test/ece_mean"] is None else (
+            f"{g['test/ece_mean']:.3f} ({g['test/ece_min']:.3f}-{g['test/ece_max']:.3f})")
         params = f"{g['params']:,}" if g["params"] is not None else "-"
         minutes = f"{g['fit_minutes']:.1f}" if g["fit_minutes"] is not None else "-"
         lines.append(f"| {g['config']} | {params} | {minutes} | {acc} | {ece} | {g['seeds']} |")
@@ -131,7 +132,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
-    cols = ["job", "val_acc_best", "test_acc", "test_ece", "best_step", "overrides"]
+    cols = ["job", *RESULTS, "best_step", "overrides"]
     cells = [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]

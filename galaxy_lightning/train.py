@@ -1,29 +1,39 @@
 """One training run from a composed config: validate, prepare data, fit, test, write outputs.
 
-``train.py`` at the repository root is the Hydra entry point around :func:`train`; tests call
-:func:`train` directly with a config from ``hydra.compose``.
+``galaxy-train`` (and ``python train.py`` in a checkout, ``python -m galaxy_lightning.train``) is
+the Hydra entry point :func:`main`; tests call :func:`train` directly with a config from
+``hydra.compose``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from galaxy_lightning import perf
-from galaxy_lightning.config import validate_config
+from galaxy_lightning.checkpoints import refuse_resume_of_old_format
+from galaxy_lightning.config import CONFIG_PACKAGE, construct, validate_config
 from galaxy_lightning.data.datamodule import GalaxyDataModule
-from galaxy_lightning.errors import GalaxyError, user_errors
+from galaxy_lightning.errors import ConfigError, cli_boundary, config_key
 from galaxy_lightning.models import count_parameters
 from galaxy_lightning.module import GalaxyClassifier
 
 log = logging.getLogger(__name__)
+
+#: What the hparams views of the loggers show of a run: these config groups and keys ...
+HPARAM_KEYS = ("seed", "data", "model", "optimizer", "scheduler", "label_smoothing", "tta", "trainer")
+#: ... against these results.
+HPARAM_METRICS = ("val/acc_best", "test/acc", "test/ece")
 
 
 def _container(node: Any) -> Any:
@@ -36,53 +46,46 @@ def _scalars(trainer: L.Trainer) -> dict[str, float]:
             if torch.is_tensor(v) and v.numel() == 1}
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The run config flattened to ``group/key`` primitives, for TensorBoard's hparams view."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}" if prefix else str(k), v)
-        elif isinstance(node, list):
-            out[prefix] = str(node)
-        elif node is None or isinstance(node, (bool, int, float, str)):
-            out[prefix] = node if node is not None else "null"
-
-    cfg_dict = {k: _container(cfg.get(k)) for k in ("seed", "data", "model", "optimizer",
-                                                    "scheduler", "label_smoothing", "tta", "trainer")}
-    walk("", cfg_dict)
-    return out
-
-
 def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Trainer]:
-    """Instantiate the DataModule, the LightningModule (sized from the data) and the Trainer."""
-    with user_errors():
-        return _build(cfg)
-
-
-def _build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Trainer]:
-    datamodule: GalaxyDataModule = instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
-    info = datamodule.info
-    if info.height != info.width:
-        raise GalaxyError(f"{info.path}: images are {info.height}x{info.width}; the models need "
-                          "square images (set a square crop in the data config)")
-    module = GalaxyClassifier(model=_container(cfg.model), optimizer=_container(cfg.optimizer),
-                              num_classes=info.num_classes, class_names=info.class_names,
-                              in_channels=info.channels, image_size=info.height,
-                              scale=float(datamodule.scale), compile=bool(cfg.perf.compile),
-                              data=_container(cfg.data),
-                              crop=getattr(datamodule.source, "crop", None),
-                              resize=getattr(datamodule.source, "resize", None),
+    """The DataModule, the LightningModule (sized from the prepared file's input spec) and the
+    Trainer. Cheap objects are built first, so that their own checks refuse a bad value before
+    any data is downloaded or simulated."""
+    datamodule: GalaxyDataModule = construct(cfg.data, "data")
+    callbacks = [construct(c, f"callbacks.{name}")
+                 for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    loggers: list[Logger] = [construct(lg, f"logger.{name}")
+                             for name, lg in (cfg.get("logger") or {}).items() if lg is not None]
+    if not loggers:  # Lightning's LearningRateMonitor refuses to run without a logger to feed
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    try:
+        trainer: L.Trainer = construct(cfg.trainer, "trainer", callbacks=callbacks,
+                                       logger=loggers or False)
+    except (MisconfigurationException, ValueError) as err:  # Lightning's checks of its settings
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"trainer: {str(err).splitlines()[0]}") from None
+    with config_key("data"):
+        datamodule.prepare_data()
+    module = GalaxyClassifier(model=_container(cfg.model), input_spec=datamodule.spec.to_dict(),
+                              optimizer=_container(cfg.optimizer),
                               scheduler=_container(cfg.get("scheduler")) or None,
                               label_smoothing=float(cfg.get("label_smoothing", 0.0)),
-                              tta=bool(cfg.get("tta", False)))
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers: list[Logger] = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()
-                             if lg is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+                              data=_container(cfg.data), compile=bool(cfg.perf.compile))
+    module.set_inference(tta=bool(cfg.get("tta", False)))
     return datamodule, module, trainer
+
+
+def log_run_hyperparameters(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Record the run's config with its results in every logger's hparams view (each logger
+    flattens the nested config itself). Loggers that take metrics with their hyperparameters
+    (TensorBoard) get them at the final step, under the names the run logged them."""
+    params = {k: _container(cfg.get(k)) for k in HPARAM_KEYS}
+    results = {k: metrics[k] for k in HPARAM_METRICS if k in metrics}
+    for logger in trainer.loggers:
+        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+            logger.log_hyperparams(params, metrics=results, step=trainer.global_step)
+        else:
+            logger.log_hyperparams(params)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -95,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     perf.apply(cfg.perf.get("tune_malloc", True), cfg.perf.get("threads"),
                cfg.perf.get("matmul_precision"))
+    if cfg.get("train", True) and cfg.get("ckpt_path"):
+        refuse_resume_of_old_format(cfg.ckpt_path)
 
     datamodule, module, trainer = build(cfg)
     log.info("torch %s, %d threads, precision %s, compile %s", torch.__version__,
@@ -117,12 +122,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             weights = cfg.get("ckpt_path")
         trainer.test(module, datamodule=datamodule, ckpt_path=weights, verbose=False)
         metrics.update(_scalars(trainer))
-        final = {f"hparams/{k.replace('/', '_')}": metrics[k]
-                 for k in ("test/acc", "val/acc_best") if k in metrics}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(flat_hparams(cfg), final)
+        log_run_hyperparameters(trainer, cfg, metrics)
         log.info("test accuracy %.4f (best validation accuracy %.4f); outputs in %s",
                  metrics.get("test/acc", float("nan")), metrics.get("val/acc_best", float("nan")),
                  output_dir)
     return metrics
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
+@cli_boundary
+def main(cfg: DictConfig) -> float | None:
+    """``galaxy-train [group=option ...] [key=value ...]``: one run, or a sweep with ``-m``.
+
+    Returns the metric named by ``optimized_metric``, which Hydra sweepers optimise."""
+    metrics = train(cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

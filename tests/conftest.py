@@ -6,13 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from galaxy_lightning.config import CONFIG_PACKAGE
+
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 
 #: A run that exercises every part of a real one in a few seconds: 32 px simulated galaxies,
 #: 20 steps, validation every 10.
@@ -40,9 +41,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def compose_run(overrides: list[str], output_dir: Path, data_dir: Path) -> DictConfig:
-    """Compose conf/train.yaml as `python train.py <overrides>` would, writing into output_dir."""
+    """Compose the packaged conf/train.yaml as `galaxy-train <overrides>` would, writing into
+    output_dir."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):

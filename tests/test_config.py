@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from galaxy_lightning.config import validate_config
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.config import construct, perf_keys, top_level_keys, validate_config
+from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    """The choices of a config group (``_*.yaml`` files are shared parts, not choices)."""
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.mark.parametrize("group", ["data", "model", "optimizer", "scheduler", "trainer", "logger",
@@ -35,23 +35,23 @@ def test_every_option_of_every_group_composes_and_instantiates(
         validate_config(cfg)
         node = cfg[group]
         if group == "model":
-            net = instantiate(node, in_channels=3, num_classes=7, image_size=96)
+            net = construct(node, "model", in_channels=3, num_classes=7, image_size=96)
             assert net(torch.zeros(2, 3, 96, 96)).shape == (2, 7)
         elif group == "optimizer":
-            opt = instantiate(node, _partial_=True)([torch.nn.Parameter(torch.zeros(1))])
+            opt = construct(node, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
             assert isinstance(opt, torch.optim.Optimizer)
         elif group == "scheduler":
             opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
             if option == "none":
                 assert not node
             else:
-                assert instantiate(node, _partial_=True)(opt).last_epoch == 0
+                assert construct(node, "scheduler", optimizer=opt).last_epoch == 0
         elif group == "trainer":
-            assert instantiate(node, accelerator="cpu").max_steps == node.max_steps
+            assert construct(node, "trainer", accelerator="cpu").max_steps == node.max_steps
         elif group in ("logger", "callbacks"):
-            assert all(instantiate(v) is not None for v in (node or {}).values() if v is not None)
+            assert all(construct(v, group) is not None for v in (node or {}).values() if v is not None)
         else:
-            assert instantiate(node).batch_size == node.batch_size
+            assert construct(node, "data").batch_size == node.batch_size
 
 
 @pytest.mark.parametrize("option", options("experiment") + [f"debug/{d}" for d in options("debug")]
@@ -72,21 +72,39 @@ def test_quickstart_preset_builds_everything(make_cfg: Callable[..., DictConfig]
     assert sum(p.numel() for p in module.parameters()) == 2729
 
 
+def refuse(cfg: DictConfig) -> None:
+    """Everything a run checks before its first training step: the config, then each target's
+    own checks as it is built (data, model, trainer), then the optimizer and its schedule."""
+    validate_config(cfg)
+    _, module, _ = build(cfg)
+    module.configure_optimizers()
+
+
 @pytest.mark.parametrize("override, message", [
     ("+model.dropout=0.5", "unknown config key 'model.dropout'"),
     ("+data.source.colour=1", "unknown config key 'data.source.colour'"),
     ("+foo=1", "unknown top-level config key 'foo'"),
     ("+model.num_classes=3", "model.num_classes is set from the data"),
-    ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
-    ("optimizer.lr=-0.001", "optimizer.lr=-0.001 must be a positive number"),
+    ("data.batch_size=0", "data: batch_size=0 must be a positive integer"),
+    ("optimizer.lr=-0.001", "optimizer: torch.optim.Adam rejects its settings: Invalid learning "
+                            "rate: -0.001"),
     ("+optimizer.betas=[0.9,1.5]", "rejects its settings"),
     ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("trainer.precision=17", "trainer: Precision 17 is invalid"),
+    ("model.width=0", "model: width=0 must be positive"),
 ])
 def test_bad_configs_are_refused_with_one_line(override: str, message: str,
                                               make_cfg: Callable[..., DictConfig]) -> None:
-    with pytest.raises(GalaxyError, match=message.replace("[", r"\[")) as err:
-        validate_config(make_cfg(override))
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as err:
+        refuse(make_cfg(override))
     assert "\n" not in str(err.value)
+
+
+def test_allowed_keys_come_from_the_config_files() -> None:
+    primary = OmegaConf.load(ROOT / "conf" / "train.yaml")
+    groups = {next(iter(e)) for e in primary.defaults if isinstance(e, DictConfig)}
+    assert top_level_keys() == {k for k in primary if k != "defaults"} | groups | {"hydra"}
+    assert perf_keys() == set(OmegaConf.load(ROOT / "conf" / "perf" / "default.yaml"))
 
 
 def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -100,10 +118,20 @@ def test_cli_refuses_bad_values_before_training(tmp_path: Path) -> None:
     result = run_cli("data=synthetic", "data.batch_size=0", tmp_path=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
-        "error: data.batch_size=0 must be a positive integer"
+        "error: data: batch_size=0 must be a positive integer"
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "data").exists()  # refused before any data was simulated
+
+
+def test_cli_refuses_bad_optimizer_settings_before_the_first_step(tmp_path: Path) -> None:
+    from .conftest import TINY
+
+    result = run_cli(*TINY, "optimizer.lr=-1", tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: optimizer: torch.optim.Adam rejects its settings: Invalid learning rate: -1")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_cli_default_without_galaxy10_says_where_to_put_it(tmp_path: Path) -> None:

@@ -1,19 +1,42 @@
-"""The simulator and the DataModule: determinism, balance, physics, splits and batches."""
+"""Data: the simulator, the prepared format, the input contract, the DataModule and augmentation."""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig
 
+from galaxy_lightning.data.augment import (
+    DIHEDRAL_INVERSE,
+    Augmentation,
+    dihedral,
+    dihedral_views,
+    random_dihedral,
+    random_rotate_shift,
+    rotate_shift,
+)
 from galaxy_lightning.data.datamodule import EpochBatchSampler, GalaxyDataModule
+from galaxy_lightning.data.prepared import (
+    PreparedWriter,
+    provenance_matches,
+    read_info,
+    read_prepared,
+    write_prepared,
+)
 from galaxy_lightning.data.synthetic import CLASS_NAMES, SyntheticGalaxies, simulate
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
+from galaxy_lightning.input_spec import InputSpec, Preprocess, SizeMismatch
+from galaxy_lightning.train import build
 
 
+# -- the simulator -------------------------------------------------------------------------------
 def test_simulator_is_deterministic_balanced_and_chunk_independent() -> None:
     images, labels = simulate(4, image_size=48, seed=3)
     again, _ = simulate(4, image_size=48, seed=3)
@@ -60,6 +83,148 @@ def test_synthetic_source_caches_by_parameters(tmp_path: Path) -> None:
     assert other != path and other.exists()
 
 
+
+
+# -- the prepared format -------------------------------------------------------------------------
+NAMES = ["a", "b", "c"]
+SPEC = InputSpec(class_names=tuple(NAMES), channels=3, image_size=8)
+
+
+def arrays(n: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int64)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    images, labels = arrays()
+    path = write_prepared(tmp_path / "p.h5", images, labels, SPEC, {"source": "test", "k": 1})
+    data = read_prepared(path)
+    assert np.array_equal(data.images, images) and np.array_equal(data.labels, labels)
+    assert data.info.class_names == NAMES and data.info.provenance == {"source": "test", "k": 1}
+    assert (data.info.num_images, data.info.height, data.info.width, data.info.channels) == (12, 8, 8, 3)
+    assert data.split is None and data.columns == {}
+    assert data.info.spec == SPEC
+    assert provenance_matches(path, {"source": "test", "k": 1})
+    assert not provenance_matches(path, {"source": "test", "k": 2})
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path: Path) -> None:
+    images, labels = arrays()
+    path = write_prepared(tmp_path / "p.h5", images, labels, SPEC, {"v": 1})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with PreparedWriter(path, 12, SPEC, {"v": 2}) as writer:
+            writer.write(images[:6], labels[:6])
+            raise RuntimeError("killed half way")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5"]
+    with pytest.raises(ValueError, match="wrote 6 of 12"):
+        with PreparedWriter(tmp_path / "q.h5", 12, SPEC, {}) as writer:
+            writer.write(images[:6], labels[:6])
+    assert not (tmp_path / "q.h5").exists()
+
+
+def _mutate(path: Path, fn) -> None:
+    with h5py.File(path, "a") as f:
+        fn(f)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.__delitem__("labels"), "'labels' is missing"),
+    (lambda f: (f.__delitem__("images"), f.create_dataset("images", data=np.zeros((12, 8, 8, 3), np.float32))),
+     "'images' must be uint8"),
+    (lambda f: f["labels"].__setitem__(0, 7), "labels span"),
+    (lambda f: f.attrs.__setitem__("format", "other"), "not a galaxy_lightning prepared file"),
+])
+def test_bad_files_give_one_line_errors_naming_the_file(tmp_path: Path, damage, message: str) -> None:
+    images, labels = arrays()
+    path = write_prepared(tmp_path / "p.h5", images, labels, SPEC, {})
+    _mutate(path, damage)
+    with pytest.raises(DataError, match=message) as err:
+        read_prepared(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_and_missing_files(tmp_path: Path) -> None:
+    images, labels = arrays(200)
+    path = write_prepared(tmp_path / "p.h5", images, labels, SPEC, {})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GalaxyError, match="truncated or corrupt"):
+        read_prepared(path)
+    with pytest.raises(GalaxyError, match="not found"):
+        read_info(tmp_path / "absent.h5")
+    assert not provenance_matches(path, {})
+
+
+# -- the input contract --------------------------------------------------------------------------
+def test_input_spec_round_trips_and_checks_itself() -> None:
+    spec = InputSpec(class_names=("a", "b"), channels=3, image_size=96, crop=96,
+                     stretch={"kind": "asinh"})
+    again = InputSpec.from_dict(spec.to_dict())
+    assert again == spec and isinstance(spec.to_dict()["class_names"], list)
+    for bad, message in (({"class_names": ["one"]}, "at least 2 classes"),
+                         ({"resize": 64}, "resize=64 must equal image_size=96"),
+                         ({"crop": 128}, "crop=128 without a resize must equal image_size=96"),
+                         ({"scale": 0.0}, "scale=0.0 must be positive")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            InputSpec(**{**spec.to_dict(), **bad})
+    with pytest.raises(ConfigError, match="unknown fields"):
+        InputSpec.from_dict({**spec.to_dict(), "mean": [0.5]})
+
+
+def test_conform_repeats_the_training_geometry() -> None:
+    spec = InputSpec(class_names=("a", "b"), channels=3, image_size=32, crop=64, resize=32)
+    big = np.zeros((2, 100, 100, 3), np.uint8)
+    big[:, 18:82, 18:82] = 200  # exactly the central 64 x 64 window
+    out = spec.conform(big)
+    assert out.shape == (2, 32, 32, 3) and (out == 200).all()
+    ready = np.full((1, 32, 32, 3), 7, np.uint8)
+    assert spec.conform(ready) is ready  # model-ready images pass untouched
+    gray = spec.conform(np.full((1, 32, 32), 9, np.uint8))
+    assert gray.shape == (1, 32, 32, 3) and (gray == 9).all()
+    rgba = spec.conform(np.full((1, 32, 32, 4), 5, np.uint8))
+    assert rgba.shape == (1, 32, 32, 3)
+    with pytest.raises(SizeMismatch, match="is 40x50; the model takes 32x32"):
+        spec.conform(np.zeros((1, 40, 50, 3), np.uint8))
+    assert spec.conform(np.zeros((1, 40, 50, 3), np.uint8), allow_resize=True).shape == (1, 32, 32, 3)
+    with pytest.raises(ConfigError, match="has 2 channels; the model takes 3"):
+        spec.conform(np.zeros((1, 32, 32, 2), np.uint8))
+
+
+def test_preprocess_is_the_one_conversion() -> None:
+    spec = InputSpec(class_names=("a", "b"), channels=3, image_size=8, scale=0.5)
+    images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8)
+    x = Preprocess(spec)(images)
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 8, 8)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, images.permute(0, 3, 1, 2).float() * 0.5)
+    assert images.dtype == torch.uint8  # the input is not modified
+
+
+def test_version_1_prepared_files_are_still_read(tmp_path: Path) -> None:
+    images, labels = arrays()
+    path = write_prepared(tmp_path / "p.h5", images, labels, SPEC, {"params": {"crop": 8}})
+    with h5py.File(path, "a") as f:  # make it look like format 1: no input spec
+        del f.attrs["input_spec"]
+        f.attrs["format_version"] = 1
+    info = read_info(path)
+    assert info.spec == InputSpec(class_names=tuple(NAMES), channels=3, image_size=8, crop=8)
+    assert np.array_equal(read_prepared(path).images, images)
+
+
+def test_optional_columns_round_trip(tmp_path: Path) -> None:
+    images, labels = arrays(4)
+    columns = {"id": np.array(["J1", "J2", "J3", "J4"]), "ra": np.arange(4.0),
+               "dec": -np.arange(4.0), "split": np.array([0, 0, 1, 2]),
+               "targets": np.full((4, 3), 1 / 3, np.float32)}
+    data = read_prepared(write_prepared(tmp_path / "p.h5", images, labels, SPEC, {}, **columns))
+    assert set(data.info.columns) == set(columns) and data.info.has_split
+    for name, values in columns.items():
+        assert np.array_equal(data.columns[name], values), name
+
+
+# -- the DataModule ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("dm")
@@ -96,7 +261,7 @@ def test_splits_are_disjoint_sized_and_reproducible(prepared_dir: Path) -> None:
     ([0.98, 0.019, 0.001], "empty test split"),
 ])
 def test_bad_splits_are_reported(prepared_dir: Path, splits: list, message: str) -> None:
-    with pytest.raises(GalaxyError, match=message):
+    with pytest.raises(ConfigError, match=message):
         make_dm(prepared_dir, splits=splits).setup()
 
 
@@ -141,3 +306,98 @@ def test_device_resident_data_stays_on_the_training_device(prepared_dir: Path) -
     assert dm.split("train").images.device == root and dm.split("test").labels.device == root
     images, labels = next(iter(dm.train_dataloader()))
     assert images.device == root and images.shape == (16, 32, 32, 3)
+
+
+# -- augmentation ----------------------------------------------------------------------------
+def test_dihedral_augmentation_is_exactly_a_symmetry() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (16, 12, 12, 3), dtype=torch.uint8, generator=gen)
+    views = [dihedral(batch, k) for k in range(8)]
+    assert len({v.numpy().tobytes() for v in views}) == 8  # 8 distinct symmetries
+    for k, view in enumerate(views):  # applying all 8 views and inverting gives the batch back
+        assert torch.equal(dihedral(view, DIHEDRAL_INVERSE[k]), batch)
+    out = random_dihedral(batch, torch.Generator().manual_seed(1))
+    for i in range(16):  # each image is one of its own 8 views, with the same pixel statistics
+        assert any(torch.equal(out[i], v[i]) for v in views)
+        assert torch.equal(out[i].flatten().sort().values, batch[i].flatten().sort().values)
+
+
+def test_nchw_views_are_the_nhwc_symmetries() -> None:
+    batch = torch.randint(0, 256, (4, 10, 10, 3), dtype=torch.uint8)
+    nchw = batch.permute(0, 3, 1, 2)
+    views = dihedral_views(nchw).view(8, 4, 3, 10, 10)
+    for k in range(8):
+        assert torch.equal(views[k], dihedral(batch, k).permute(0, 3, 1, 2))
+
+
+def test_rotation_and_shift_follow_the_pixel_grid() -> None:
+    x = torch.rand(3, 3, 16, 16)
+    zeros = torch.zeros(3)
+    assert torch.allclose(rotate_shift(x, zeros, torch.zeros(3, 2)), x, atol=1e-5)
+    # a quarter turn counter-clockwise is the dihedral rotation k = 1, up to interpolation error
+    quarter = rotate_shift(x, torch.full((3,), math.pi / 2), torch.zeros(3, 2))
+    assert torch.allclose(quarter, dihedral(x, 1, (2, 3)), atol=1e-5)
+    # whole-pixel shifts move the image right / down by that many pixels
+    right = rotate_shift(x, zeros, torch.tensor([[1.0, 0.0]] * 3))
+    assert torch.allclose(right[..., 1:], x[..., :-1], atol=1e-5)
+    down = rotate_shift(x, zeros, torch.tensor([[0.0, 2.0]] * 3))
+    assert torch.allclose(down[..., 2:, :], x[..., :-2, :], atol=1e-5)
+
+
+def test_random_rotation_keeps_pixel_statistics() -> None:
+    # A smooth, centred galaxy-like blob on a flat sky: rotating it keeps its flux and spread.
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    r2 = ((xx - 23.5) ** 2 + (yy - 23.5) ** 2 / 0.4)
+    blob = (0.1 + torch.exp(-r2 / 60)).expand(32, 3, 48, 48).contiguous()
+    out = random_rotate_shift(blob, max_shift=2.0, rotate=True,
+                              generator=torch.Generator().manual_seed(0))
+    assert out.shape == blob.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out.mean((1, 2, 3)), blob.mean((1, 2, 3)), rtol=0.01)
+    assert torch.allclose(out.std((1, 2, 3)), blob.std((1, 2, 3)), rtol=0.03)
+    assert not torch.allclose(out, blob, atol=1e-2)  # the elongated blob really was turned
+
+
+@pytest.mark.parametrize("augment", ["data.augment=[dihedral]", "data.augment=[rotate]",
+                                     "data.augment=[shift]"])
+def test_augmentation_keeps_labels(make_cfg: Callable[..., DictConfig], augment: str) -> None:
+    cfg = make_cfg(augment)
+    datamodule, module, trainer = build(cfg)
+    datamodule.trainer = trainer
+    datamodule.setup("fit")
+    images, labels = next(iter(datamodule.train_dataloader()))
+    trainer.state.stage = "train"  # trainer.training: augmentation on
+    aug_images, aug_labels = datamodule.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(aug_labels, labels)
+    assert aug_images.shape == (len(labels), 3, 32, 32) and aug_images.dtype == torch.float32
+    plain = images.permute(0, 3, 1, 2).float() / 256
+    assert not torch.equal(aug_images, plain)
+    assert aug_images.mean().item() == pytest.approx(plain.mean().item(), rel=0.05)
+    trainer.state.stage = "validate"  # no augmentation outside training
+    val_images, _ = datamodule.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(val_images, plain)
+
+
+def test_bad_augmentation_options_are_reported(make_cfg: Callable[..., DictConfig]) -> None:
+    with pytest.raises(ConfigError, match=r"^data: max_shift=20"):
+        build(make_cfg("data.augment=[shift]", "data.max_shift=20"))
+    with pytest.raises(ConfigError, match=r"^data: augment=\['flip'\]: unknown \['flip'\]"):
+        build(make_cfg("data.augment=[flip]"))
+
+
+def test_augmentation_is_one_list_of_names() -> None:
+    assert Augmentation([]).names == [] and not Augmentation("none")
+    assert Augmentation("dihedral").names == ["dihedral"]  # a sweep's choice() passes one name
+    # applied in a fixed order, whatever order the list gives
+    assert Augmentation(["shift", "dihedral"]).names == ["dihedral", "shift"]
+    batch = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
+    preprocess = Preprocess(InputSpec(class_names=("a", "b"), channels=3, image_size=16))
+    # dihedral only: each image is exactly one of its 8 views (no interpolation)
+    out = Augmentation(["dihedral"], seed=3)(batch, preprocess)
+    views = [preprocess(dihedral(batch, k)) for k in range(8)]
+    assert all(any(torch.equal(out[i], v[i]) for v in views) for i in range(6))
+    # the same seed gives the same augmentation: the generator is the only source of randomness
+    a = Augmentation(["dihedral", "rotate", "shift"], seed=1)(batch, preprocess)
+    b = Augmentation(["dihedral", "rotate", "shift"], seed=1)(batch, preprocess)
+    assert torch.equal(a, b)
+
+

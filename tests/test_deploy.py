@@ -1,40 +1,42 @@
-"""Evaluation, prediction and export of a trained checkpoint; augmentation; DDP on 2 CPU processes."""
+"""Evaluation, prediction and export of a trained checkpoint; checkpoints of the older format;
+the installable package."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
-from galaxy_lightning.data.augment import dihedral, random_dihedral
-from galaxy_lightning.data.datamodule import to_model_input
+from galaxy_lightning.checkpoints import load_classifier, read_checkpoint
 from galaxy_lightning.data.prepared import read_prepared, write_prepared
-from galaxy_lightning.errors import GalaxyError
-from galaxy_lightning.evaluate import evaluate, evaluation_datamodule, load_checkpoint
+from galaxy_lightning.errors import CheckpointError, ConfigError, DataError
+from galaxy_lightning.evaluate import evaluate, evaluation_datamodule
 from galaxy_lightning.evaluate import main as evaluate_main
 from galaxy_lightning.export import example_input, export, exportable
-from galaxy_lightning.predict import predict, preprocess
+from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.predict import predict
 from galaxy_lightning.train import train
 
+from .conftest import TINY, compose_run
+
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
     """A run of the tiny config: (best checkpoint, metrics.json, data dir)."""
     from hydra.core.global_hydra import GlobalHydra
-
-    from .conftest import TINY, compose_run
 
     base = tmp_path_factory.mktemp("trained")
     cfg = compose_run(TINY, base / "run", base / "data")
@@ -47,10 +49,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]
 def test_evaluation_reproduces_the_test_accuracy_exactly(trained: tuple, tmp_path: Path) -> None:
     ckpt, metrics, _ = trained
     results = evaluate(ckpt, tmp_path / "eval")
-    assert results["test/acc"] == metrics["test_acc"]
+    assert results["test/acc"] == metrics["test/acc"]
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert written["confusion_matrix"] == metrics["confusion_matrix"]
-    assert written["test_acc_per_class"] == metrics["test_acc_per_class"]
+    assert written["test/confusion_matrix"] == metrics["test/confusion_matrix"]
+    per_class = [k for k in metrics if k.startswith("test/acc_class/")]
+    assert len(per_class) == 7 and all(written[k] == metrics[k] for k in per_class)
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
     assert list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -63,25 +66,33 @@ def test_evaluation_with_test_time_augmentation(trained: tuple, tmp_path: Path,
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["tta"] is True and metrics["tta"] is False
     assert (tmp_path / "eval" / "reliability_diagram.png").is_file()
-    module = load_checkpoint(ckpt)
+    module = load_classifier(ckpt)
+    assert module.tta is False  # the run's own choice is the default
     test = evaluation_datamodule(module).split("test")
     with torch.no_grad():
-        log_probs = module.log_probs(to_model_input(test.images, module.hparams.scale), tta=True)
-    assert written["test_acc"] == pytest.approx((log_probs.argmax(1) == test.labels).float().mean().item())
-    assert written["test_loss"] == pytest.approx(F.nll_loss(log_probs, test.labels).item(), rel=1e-5)
+        log_probs = module.log_probs(module.preprocess(test.images), tta=True)
+    assert written["test/acc"] == pytest.approx((log_probs.argmax(1) == test.labels).float().mean().item())
+    assert written["test/loss"] == pytest.approx(F.nll_loss(log_probs, test.labels).item(), rel=1e-5)
 
 
 def test_evaluation_of_another_prepared_file_and_bad_checkpoints(trained: tuple, tmp_path: Path) -> None:
     ckpt, _, data_dir = trained
     source = read_prepared(next(data_dir.glob("synthetic_*.h5")))
     other = write_prepared(tmp_path / "other.h5", source.images[:50], source.labels[:50],
-                           source.info.class_names, {"source": "test"})
+                           source.info.spec, {"source": "test"})
     results = evaluate(ckpt, tmp_path / "eval", prepared=str(other))
-    cm = np.array(json.loads((tmp_path / "eval" / "metrics.json").read_text())["confusion_matrix"])
+    cm = np.array(json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/confusion_matrix"])
     assert cm.sum() == 50 and results["test/acc"] == pytest.approx(np.trace(cm) / 50)
+    renamed = write_prepared(tmp_path / "renamed.h5", source.images[:50], source.labels[:50],
+                             source.info.spec.replace(class_names=tuple("abcdefg")), {})
+    with pytest.raises(DataError, match="differ from the checkpoint's"):
+        evaluate(ckpt, tmp_path / "eval2", prepared=str(renamed))
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(GalaxyError, match="not a galaxy_lightning checkpoint"):
-        load_checkpoint(tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_classifier(tmp_path / "bad.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a galaxy_lightning checkpoint"):
+        read_checkpoint(tmp_path / "other.ckpt")
     result = subprocess.run([sys.executable, "-m", "galaxy_lightning.evaluate", str(tmp_path / "none.ckpt")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
@@ -91,7 +102,7 @@ def test_prediction_on_png_files_matches_predict_step(trained: tuple, tmp_path: 
     from PIL import Image
 
     ckpt, _, data_dir = trained
-    module = load_checkpoint(ckpt)
+    module = load_classifier(ckpt)
     images = read_prepared(next(data_dir.glob("synthetic_*.h5"))).images[:12]
     folder = tmp_path / "images"
     folder.mkdir()
@@ -106,12 +117,12 @@ def test_prediction_on_png_files_matches_predict_step(trained: tuple, tmp_path: 
     assert any("is 40x50; the model takes 32x32" in reason and "--resize" in reason for _, reason in skipped)
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert [Path(r["file"]).name for r in rows] == [f"galaxy_{i:02d}.png" for i in range(12)]
-    probs = np.array([[float(r[f"p_{n}"]) for n in module.hparams.class_names] for r in rows])
-    with torch.no_grad():
-        expected = module.predict_step(to_model_input(torch.from_numpy(images), module.hparams.scale), 0)
+    probs = np.array([[float(r[f"p_{n}"]) for n in module.class_names] for r in rows])
+    with torch.no_grad():  # the same probabilities as the test step computes on the same pixels
+        expected = module.predict_step(module.preprocess(torch.from_numpy(images)), 0)
     np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
     assert [r["predicted_class"] for r in rows] == \
-        [module.hparams.class_names[k] for k in expected.argmax(1).tolist()]
+        [module.class_names[k] for k in expected.argmax(1).tolist()]
     # --resize accepts the odd size; an HDF5 array of images works too.
     done, skipped = predict(ckpt, [str(tmp_path / "wrong_size.png")], tmp_path / "q.csv",
                             allow_resize=True, progress=False)
@@ -123,26 +134,37 @@ def test_prediction_on_png_files_matches_predict_step(trained: tuple, tmp_path: 
     done, _ = predict(ckpt, [str(tmp_path / "batch.h5")], tmp_path / "h.csv", h5_key="cutouts", progress=False)
     rows = list(csv.DictReader(open(tmp_path / "h.csv")))
     assert done == 12 and rows[3]["file"].endswith("batch.h5[3]")
-    np.testing.assert_allclose([float(rows[3][f"p_{n}"]) for n in module.hparams.class_names],
+    np.testing.assert_allclose([float(rows[3][f"p_{n}"]) for n in module.class_names],
                                expected[3].numpy(), atol=1e-5)
 
 
-def test_prediction_applies_the_training_crop(trained: tuple) -> None:
-    module = load_checkpoint(trained[0])
-    module.hparams.crop, module.hparams.image_size = 32, 32
+def test_prediction_applies_the_training_crop(trained: tuple, tmp_path: Path) -> None:
+    from PIL import Image
+
+    module = load_classifier(trained[0])
+    spec = module.spec.replace(crop=32)
     big = np.zeros((80, 80, 3), np.uint8)
     big[24:56, 24:56] = 200  # the central 32x32 window
-    out = preprocess(big, module)
+    out = spec.conform(big[None])[0]
     assert out.shape == (32, 32, 3) and (out == 200).all()
+    # prediction goes through the same geometry: an 80 px cutout gives the crop's probabilities
+    ckpt = tmp_path / "crop.ckpt"
+    checkpoint = torch.load(trained[0], weights_only=True)
+    checkpoint["hyper_parameters"]["input_spec"] = spec.to_dict()
+    torch.save(checkpoint, ckpt)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    assert predict(ckpt, [str(tmp_path / "big.png")], tmp_path / "p.csv", progress=False) == (1, [])
+    row = next(csv.DictReader(open(tmp_path / "p.csv")))
+    expected = module.probabilities(torch.from_numpy(out[None]))[0]
+    np.testing.assert_allclose([float(row[f"p_{n}"]) for n in module.class_names], expected, atol=1e-5)
 
 
 def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path) -> None:
     ckpt = trained[0]
-    module = load_checkpoint(ckpt)
+    module = load_classifier(ckpt)
     written = export(ckpt, tmp_path / "export")
     batch = example_input(module, batch=5)
-    with torch.no_grad():
-        expected = module.predict_step(to_model_input(batch, module.hparams.scale), 0).numpy()
+    expected = module.probabilities(batch).numpy()
     scripted = torch.jit.load(str(written["torchscript"]))
     with torch.no_grad():
         np.testing.assert_allclose(scripted(batch).numpy(), expected, atol=1e-5)
@@ -153,50 +175,90 @@ def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path) -> No
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.allclose(exportable(module)(batch).detach().numpy(), expected, atol=1e-6)
     meta = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert meta["class_names"] == list(module.hparams.class_names) and meta["input"]["layout"] == "NHWC"
+    assert meta["class_names"] == module.class_names and meta["input"]["layout"] == "NHWC"
+    assert InputSpec.from_dict(meta["input_spec"]) == module.spec
 
 
-def test_dihedral_augmentation_is_exactly_a_symmetry() -> None:
-    gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, 256, (16, 12, 12, 3), dtype=torch.uint8, generator=gen)
-    views = [dihedral(batch, k) for k in range(8)]
-    assert len({v.numpy().tobytes() for v in views}) == 8  # 8 distinct symmetries
-    inverse = {0: 0, 1: 3, 2: 2, 3: 1, 4: 4, 5: 5, 6: 6, 7: 7}  # reflections are involutions
-    for k, view in enumerate(views):
-        assert torch.equal(dihedral(view, inverse[k]), batch)
-    out = random_dihedral(batch, torch.Generator().manual_seed(1))
-    for i in range(16):  # each image is one of its own 8 views, with the same pixel statistics
-        assert any(torch.equal(out[i], v[i]) for v in views)
-        assert torch.equal(out[i].flatten().sort().values, batch[i].flatten().sort().values)
-
-
-def test_augmented_training_keeps_labels(make_cfg: Callable[..., DictConfig]) -> None:
-    cfg = make_cfg("data.augment=dihedral")
-    assert 0 <= train(cfg)["test/acc"] <= 1
-
-
-@pytest.mark.slow
-def test_ddp_with_two_cpu_processes(tmp_path: Path, data_dir: Path) -> None:
-    from .conftest import TINY
-
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *TINY, "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["global_step"] == 20
-    cm = np.array(metrics["confusion_matrix"])
-    assert cm.sum() == 70  # every test image counted once across the two processes
-    assert metrics["test_acc"] == pytest.approx(np.trace(cm) / 70)
-    assert set(metrics) >= {"test_acc", "test_acc_per_class", "val_acc_best", "history"}
-
-
-def test_train_false_tests_the_given_checkpoint(trained: tuple, make_cfg: Callable[..., DictConfig]) -> None:
+def test_train_false_tests_the_given_checkpoint(trained: tuple, make_cfg) -> None:  # noqa: ANN001
     ckpt, metrics, _ = trained
     results = train(make_cfg("train=false", f"ckpt_path={ckpt}", run="test_only"))
-    assert results["test/acc"] == metrics["test_acc"]
-    with pytest.raises(GalaxyError, match="train=false needs ckpt_path"):
+    assert results["test/acc"] == metrics["test/acc"]
+    with pytest.raises(ConfigError, match="train=false needs ckpt_path"):
         train(make_cfg("train=false", run="no_ckpt"))
+
+
+# -- checkpoints written before the input spec (format 1) ---------------------------------------
+@pytest.fixture(scope="module")
+def version_1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    """A checkpoint written by galaxy_lightning 69f6dd5 (format 1) with what that code computed
+    with it (test accuracy, confusion matrix, probabilities), and the data it was trained on."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from galaxy_lightning.train import build
+
+    expected = json.loads((FIXTURES / "v1_tutorial_cnn_32px.json").read_text())
+    base = tmp_path_factory.mktemp("v1")
+    cfg = compose_run(TINY, base / "run", base / "data")  # the same simulated data set
+    build(cfg)
+    GlobalHydra.instance().clear()
+    ckpt = base / "v1.ckpt"
+    shutil.copy(FIXTURES / "v1_tutorial_cnn_32px.ckpt", ckpt)
+    return ckpt, expected, base / "data"
+
+
+def test_version_1_checkpoints_evaluate_and_predict_as_before(version_1: tuple, tmp_path: Path) -> None:
+    ckpt, expected, data_dir = version_1
+    assert read_checkpoint(ckpt).get("galaxy_lightning") is None  # really the old format
+    module = load_classifier(ckpt)
+    assert module.spec.image_size == 32 and module.tta is False
+    results = evaluate(ckpt, tmp_path / "eval", data_dir=str(data_dir))
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert results["test/acc"] == pytest.approx(expected["test_acc"])
+    assert written["test/confusion_matrix"] == expected["confusion_matrix"]
+    test = evaluation_datamodule(module, data_dir=str(data_dir)).split("test")
+    probs = module.probabilities(test.images[:8])
+    np.testing.assert_allclose(probs, expected["probabilities_first_8_test_images"], atol=1e-6)
+    probs = module.set_inference(tta=True).probabilities(test.images[:8])
+    np.testing.assert_allclose(probs, expected["probabilities_first_8_test_images_tta"], atol=1e-6)
+    written = export(ckpt, tmp_path / "export", formats=("torchscript",))
+    assert written["torchscript"].is_file()
+
+
+def test_version_1_checkpoints_are_not_resumed(version_1: tuple, make_cfg) -> None:  # noqa: ANN001
+    ckpt, _, _ = version_1
+    with pytest.raises(CheckpointError, match="older galaxy_lightning .* not resumed: start a new run"):
+        train(make_cfg(f"ckpt_path={ckpt}"))
+    results = train(make_cfg("train=false", f"ckpt_path={ckpt}", run="tested"))  # testing is fine
+    assert 0 <= results["test/acc"] <= 1
+
+
+# -- the installable package ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_wheel_carries_the_configs_and_trains_outside_the_checkout(tmp_path: Path,
+                                                                    data_dir: Path) -> None:
+    wheels = tmp_path / "wheels"
+    build_wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                                  "--no-build-isolation", "-w", str(wheels), "-q"],
+                                 capture_output=True, text=True, timeout=600)
+    assert build_wheel.returncode == 0, build_wheel.stderr[-2000:]
+    (wheel,) = wheels.glob("galaxy_lightning-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"galaxy_lightning/conf/{p.relative_to(ROOT / 'conf')}" for p in (ROOT / "conf").rglob("*.yaml")}
+    assert configs and configs <= names  # every config ships inside the package
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",
+                              "--target", str(target), str(wheel)], capture_output=True, text=True,
+                             timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import galaxy_lightning; print(galaxy_lightning.__file__)"],
+                           capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert where.stdout.strip().startswith(str(target))  # the wheel's copy, not the checkout
+    run = subprocess.run([str(target / "bin" / "galaxy-train"), *TINY, "logger=none",
+                          f"paths.data_dir={data_dir}"],
+                         capture_output=True, text=True, cwd=elsewhere, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (metrics,) = (elsewhere / "logs" / "train" / "runs").glob("*/metrics.json")
+    assert json.loads(metrics.read_text())["global_step"] == 20

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from galaxy_lightning.sweep import group_by_config, markdown_table
+
 from .conftest import TINY, compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +38,10 @@ def test_grid_sweep_gives_separate_runs_and_a_summary(tmp_path: Path, data_dir: 
     assert all("trainer.max_steps=20" in r["all_overrides"] for r in rows)
     for row in rows:
         job = Path(row["run_dir"])
-        assert row["status"] == "done" and 0 <= float(row["test_acc"]) <= 1
+        assert row["status"] == "done" and 0 <= float(row["test/acc"]) <= 1
         assert list((job / "tensorboard").glob("events.out.tfevents.*"))  # one TB run per job
         assert (job / "metrics.json").is_file()
-    assert float(rows[0]["val_acc_best"]) >= float(rows[1]["val_acc_best"])  # sorted, best first
+    assert float(rows[0]["val/acc_best"]) >= float(rows[1]["val/acc_best"])  # sorted, best first
     assert "sweep summary" in result.stdout and "optimizer.lr=0.01" in result.stdout
 
 
@@ -55,7 +57,7 @@ def test_optuna_search_runs_three_trials(tmp_path: Path, data_dir: Path) -> None
         assert "hparams_search=optuna" in row["all_overrides"]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     # train.py returns the best validation accuracy, and that is what Optuna maximised.
-    assert best["best_value"] == pytest.approx(max(float(r["val_acc_best"]) for r in rows))
+    assert best["best_value"] == pytest.approx(max(float(r["val/acc_best"]) for r in rows))
 
 
 def test_parallel_joblib_sweep_shares_the_cores(tmp_path: Path, data_dir: Path) -> None:
@@ -96,8 +98,25 @@ def test_seed_sweep_from_any_directory_gives_the_comparison_table(tmp_path: Path
     for g, width in zip(groups, ("model.width=1", "model.width=2")):
         assert g["config"].endswith(f"{width} logger=none") and g["config"].startswith("data=synthetic")
         assert "seed=" not in g["config"] and "paths." not in g["config"]
-        accs = [float(j["test_acc"]) for j in jobs if j["overrides"].startswith(width + " ")]
+        accs = [float(j["test/acc"]) for j in jobs if j["overrides"].startswith(width + " ")]
         assert g["runs"] == "2" and g["seeds"] == "0 1" and len(accs) == 2
-        assert float(g["test_acc_mean"]) == pytest.approx(sum(accs) / 2)
-        assert float(g["test_acc_min"]) == min(accs) and int(g["params"]) > 0
+        assert float(g["test/acc_mean"]) == pytest.approx(sum(accs) / 2)
+        assert float(g["test/acc_min"]) == min(accs) and int(g["params"]) > 0
     assert "model.width=2 logger=none |" in result.stdout
+
+
+def test_sweep_table_groups_seeds() -> None:
+    def row(job: int, overrides: str, acc: float, ece: float) -> dict:
+        return {"job": str(job), "overrides": overrides, "all_overrides": overrides,
+                "status": "done", "test/acc": acc, "test/ece": ece, "params": 100,
+                "fit_minutes": 2.0, "val/acc_best": acc}
+    rows = [row(0, "experiment=a seed=0 paths.data_dir=/d", 0.70, 0.02),
+            row(1, "experiment=a seed=1 paths.data_dir=/d", 0.74, 0.04),
+            row(2, "experiment=b seed=0 paths.data_dir=/d", 0.90, 0.01),
+            row(3, "experiment=b seed=1 paths.data_dir=/d", 0.92, 0.03)]
+    groups = group_by_config(rows)
+    assert [g["config"] for g in groups] == ["experiment=a", "experiment=b"]
+    assert groups[0]["test/acc_mean"] == pytest.approx(0.72) and groups[0]["seeds"] == "0 1"
+    assert (groups[1]["test/acc_min"], groups[1]["test/acc_max"]) == (0.90, 0.92)
+    table = markdown_table(groups)
+    assert "| experiment=a | 100 | 2.0 | 72.0% (70.0-74.0) | 0.030 (0.020-0.040) | 0 1 |" in table

@@ -9,14 +9,24 @@ the cutout centre, so rotated, flipped and slightly shifted images are as real a
 - :func:`random_rotate_shift`: rotation by an arbitrary angle and a sub-pixel shift, one affine
   resampling per batch (bilinear, reflected borders: rotating a square frame would otherwise
   bring in black corners that real cutouts never have).
+
+:class:`Augmentation` composes them from one list of names (``data.augment=[dihedral,shift]``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from galaxy_lightning.errors import ConfigError
+
+#: The augmentations :class:`Augmentation` knows, in the order they are applied.
+AUGMENTATIONS = ("dihedral", "rotate", "shift")
+#: The largest shift (pixels) that keeps a centred galaxy in a cutout.
+MAX_SHIFT_LIMIT = 8.0
 
 #: The inverse of symmetry k (rotations by 90 and 270 degrees invert each other; flips are their
 #: own inverse).
@@ -74,3 +84,42 @@ def random_rotate_shift(images: torch.Tensor, max_shift: float, rotate: bool,
     angle = torch.rand(n, generator=generator) * 2 * math.pi if rotate else torch.zeros(n)
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
     return rotate_shift(images, angle, shift)
+
+
+class Augmentation:
+    """The training augmentations named in ``names`` (any of :data:`AUGMENTATIONS`), applied to
+    whole batches with one seeded generator (its state is part of the DataModule's state).
+
+    ``dihedral`` works on the uint8 NHWC batch before preprocessing (it moves whole pixels: exact
+    and 4x fewer bytes than on floats); ``rotate`` (a uniform angle) and ``shift`` (up to
+    ``max_shift`` pixels per axis) resample the float batch after it, in one ``grid_sample``.
+    """
+
+    def __init__(self, names: str | Sequence[str] = (), max_shift: float = 2.0,
+                 seed: int = 0) -> None:
+        if isinstance(names, str):  # one name, or "none" (what a sweep's choice() can pass)
+            names = [] if names == "none" else [names]
+        names = list(names)
+        unknown = [n for n in names if n not in AUGMENTATIONS]
+        if unknown:
+            raise ConfigError(f"augment={names}: unknown {unknown}; choose from "
+                              f"{list(AUGMENTATIONS)} (a list, e.g. [dihedral, shift]; [] for none)")
+        if not 0 < max_shift <= MAX_SHIFT_LIMIT:
+            raise ConfigError(f"max_shift={max_shift} must be in (0, {MAX_SHIFT_LIMIT:g}] pixels")
+        self.names = [n for n in AUGMENTATIONS if n in names]
+        self.max_shift = float(max_shift)
+        self.generator = torch.Generator().manual_seed(seed + 7919)
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def __call__(self, images: torch.Tensor,
+                 preprocess: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """uint8 NHWC training batch -> augmented float model input (``preprocess`` in between)."""
+        if "dihedral" in self.names:
+            images = random_dihedral(images, self.generator)
+        x = preprocess(images)
+        rotate, shift = "rotate" in self.names, "shift" in self.names
+        if rotate or shift:
+            x = random_rotate_shift(x, self.max_shift if shift else 0.0, rotate, self.generator)
+        return x

@@ -8,9 +8,9 @@ format (see :mod:`galaxy_lightning.data.prepared`); everything after that is sha
   ``split`` array), so splits are reproducible;
 - a batch is ``images[index]`` for an index tensor from :class:`EpochBatchSampler` (a seeded
   permutation per epoch, so a resumed run sees the same batches), with no per-sample Python;
-- the uint8 -> float conversion happens after the batch reaches the device
-  (:meth:`GalaxyDataModule.on_after_batch_transfer`): 4x fewer bytes to move, and the NHWC
-  storage becomes an NCHW tensor in channels-last memory, the fast layout for these convolutions.
+- the uint8 -> float conversion (:class:`~galaxy_lightning.input_spec.Preprocess`, from the
+  file's input spec) and the augmentation happen after the batch reaches the device
+  (:meth:`GalaxyDataModule.on_after_batch_transfer`): 4x fewer bytes to move.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from galaxy_lightning.data.augment import random_dihedral, random_rotate_shift
+from galaxy_lightning.data.augment import Augmentation
 from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedInfo, read_info, read_prepared
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.input_spec import InputSpec, Preprocess
 
 
 class DataSource(Protocol):
@@ -35,11 +36,6 @@ class DataSource(Protocol):
     def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
         """Create the prepared file if needed (idempotent) and return its path."""
         ...
-
-
-def to_model_input(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in channels-last memory, multiplied by ``scale``."""
-    return images.permute(0, 3, 1, 2).to(torch.float32).mul_(scale)
 
 
 class EpochBatchSampler:
@@ -105,20 +101,20 @@ class TensorBatches(Dataset):
 def resolve_split_sizes(splits: Sequence[float], total: int, path: Path) -> list[int]:
     """Turn ``splits`` (3 counts, or 3 fractions of the file) into counts that fit ``total``."""
     if len(splits) != 3:
-        raise GalaxyError(f"data.splits={list(splits)} must have 3 entries: train, val, test")
+        raise ConfigError(f"splits={list(splits)} must have 3 entries: train, val, test")
     if all(float(s).is_integer() and s >= 1 for s in splits):
         sizes = [int(s) for s in splits]
     elif all(0 < s < 1 for s in splits) and sum(splits) <= 1 + 1e-9:
         sizes = [int(round(s * total)) for s in splits]
     else:
-        raise GalaxyError(f"data.splits={list(splits)}: give 3 positive counts, or 3 fractions in "
+        raise ConfigError(f"splits={list(splits)}: give 3 positive counts, or 3 fractions in "
                           "(0, 1) that sum to at most 1")
     if sum(sizes) > total:
-        raise GalaxyError(f"data.splits={sizes} needs {sum(sizes)} images but {path} holds {total}; "
-                          "lower data.splits")
+        raise ConfigError(f"splits={sizes} needs {sum(sizes)} images but {path} holds {total}; "
+                          "lower splits")
     for name, size in zip(SPLIT_NAMES, sizes):
         if size == 0:
-            raise GalaxyError(f"data.splits gives an empty {name} split for {path} ({total} images); "
+            raise ConfigError(f"splits gives an empty {name} split for {path} ({total} images); "
                               "raise its size")
     return sizes
 
@@ -128,20 +124,13 @@ class GalaxyDataModule(L.LightningDataModule):
 
     def __init__(self, source: DataSource, data_dir: str = "data", batch_size: int = 200,
                  eval_batch_size: int = 1000, splits: Sequence[float] = (10000, 1600, 1000),
-                 split_seed: int = 0, shuffle_seed: int = 0, scale: float = 1.0 / 256.0,
-                 augment: str = "none", rotate: bool = False, max_shift: float = 0.0,
-                 test_only: bool = False, device_resident: bool = False) -> None:
+                 split_seed: int = 0, shuffle_seed: int = 0, augment: str | Sequence[str] = (),
+                 max_shift: float = 2.0, test_only: bool = False,
+                 device_resident: bool = False) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise GalaxyError(f"data.batch_size={batch_size} and data.eval_batch_size="
-                              f"{eval_batch_size} must be at least 1")
-        if not scale > 0:
-            raise GalaxyError(f"data.scale={scale} must be positive")
-        if augment not in ("none", "dihedral"):
-            raise GalaxyError(f"data.augment={augment!r} must be 'none' or 'dihedral' (random "
-                              "rotations by 90 degrees and flips)")
-        if not 0 <= max_shift <= 8:
-            raise GalaxyError(f"data.max_shift={max_shift} must be between 0 and 8 pixels")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value} must be a positive integer")
         self.source = source
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
@@ -149,20 +138,22 @@ class GalaxyDataModule(L.LightningDataModule):
         self.splits = list(splits)
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
-        self.scale = scale
-        self.augment = augment
-        self.rotate = bool(rotate)
-        self.max_shift = float(max_shift)
+        self.augmentation = Augmentation(augment, max_shift, seed=shuffle_seed)
         self.test_only = test_only
         self.device_resident = device_resident
-        self._augment_generator = torch.Generator().manual_seed(shuffle_seed + 7919)
         self._path: Path | None = None
         self._split_data: dict[str, TensorBatches] = {}
+        self.preprocess: Preprocess | None = None
 
     # -- preparation -------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Make sure the prepared file exists (simulate / download / convert once, then cached)."""
+        """Make sure the prepared file exists (simulate / download / convert once, then cached),
+        and that the configured splits fit it (checked from the header, before any pixel loads)."""
         self._path = self.source.prepare(self.data_dir)
+        info = read_info(self._path)
+        self.preprocess = Preprocess(info.spec)
+        if not (self.test_only or info.has_split):
+            resolve_split_sizes(self.splits, info.num_images, self._path)
 
     @property
     def path(self) -> Path:
@@ -176,9 +167,16 @@ class GalaxyDataModule(L.LightningDataModule):
         """Shape, classes and provenance of the data, from the file header."""
         return read_info(self.path)
 
+    @property
+    def spec(self) -> InputSpec:
+        """The data's input contract (classes, geometry, scaling), from the file header."""
+        return self.info.spec
+
     def setup(self, stage: str | None = None) -> None:
         if self._split_data:
             return
+        if self.preprocess is None:
+            self.prepare_data()
         data = read_prepared(self.path)
         images = torch.from_numpy(data.images)
         labels = torch.from_numpy(data.labels)
@@ -190,7 +188,7 @@ class GalaxyDataModule(L.LightningDataModule):
             index = {name: torch.nonzero(split == i).flatten() for i, name in enumerate(SPLIT_NAMES)}
             for name, idx in index.items():
                 if len(idx) == 0:
-                    raise GalaxyError(f"{self.path}: the file's 'split' array has no {name} rows")
+                    raise DataError(f"{self.path}: the file's 'split' array has no {name} rows")
         else:
             sizes = resolve_split_sizes(self.splits, len(labels), self.path)
             gen = torch.Generator().manual_seed(self.split_seed)
@@ -235,15 +233,13 @@ class GalaxyDataModule(L.LightningDataModule):
         return self.test_dataloader()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 NHWC batch -> model input (augmented while training)."""
         images, labels = batch
+        assert self.preprocess is not None, "prepare_data() sets the preprocessing"
         trainer = getattr(self, "trainer", None)
-        training = trainer is not None and trainer.training
-        if self.augment == "dihedral" and training:
-            images = random_dihedral(images, self._augment_generator)
-        images = to_model_input(images, self.scale)
-        if (self.rotate or self.max_shift > 0) and training:
-            images = random_rotate_shift(images, self.max_shift, self.rotate, self._augment_generator)
-        return images, labels
+        if self.augmentation and trainer is not None and trainer.training:
+            return self.augmentation(images, self.preprocess), labels
+        return self.preprocess(images), labels
 
     def examples(self, per_class: int = 8, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Up to ``per_class`` uint8 images of each class from a split (for image grids)."""

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import DataError
 
 CHUNK = 1 << 20
 
@@ -76,9 +76,9 @@ def verify(path: Path, sha256: str | None, progress: bool = True) -> None:
         return
     found = file_sha256(path, progress)
     if found != sha256.lower():
-        raise GalaxyError(f"{path}: SHA256 {found[:16]}... does not match the published "
-                          f"{sha256[:16]}...; the file is incomplete or corrupt: delete it and run "
-                          "again to download it")
+        raise DataError(f"{path}: SHA256 {found[:16]}... does not match the published "
+                        f"{sha256[:16]}...; the file is incomplete or corrupt: delete it and run "
+                        "again to download it")
 
 
 def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
@@ -150,5 +150,5 @@ def download(urls: Sequence[str], target: Path, sha256: str | None, timeout: flo
         _remember(target, found)
         return target
     reason = "; ".join(errors[-3:]) or "no URL given"
-    raise GalaxyError(f"could not download {target.name} ({reason}); download it by hand from "
-                      f"{urls[0] if urls else 'its publisher'} and put it at {target}")
+    raise DataError(f"could not download {target.name} ({reason}); download it by hand from "
+                    f"{urls[0] if urls else 'its publisher'} and put it at {target}")

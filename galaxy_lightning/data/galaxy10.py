@@ -1,9 +1,10 @@
 """Galaxy10 DECaLS and Galaxy10 SDSS (astroNN): published files, downloaded and verified.
 
 Both are :class:`~galaxy_lightning.data.hdf5_source.HDF5Source` conversions with the published
-keys, class names, URLs and SHA256 (../shared/reference/REFERENCE.md), plus a download step: a
-missing file is fetched from Zenodo (then the older mirror), resumably, and renamed into place
-only after its checksum matches. A file put there by hand is verified the same way, once.
+keys, class names, URLs and SHA256 (this module is the one place that holds them; the configs
+``conf/data/galaxy10*.yaml`` only choose among them), plus a download step: a missing file is
+fetched from Zenodo (then the older mirror), resumably, and renamed into place only after its
+checksum matches. A file put there by hand is verified the same way, once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from galaxy_lightning.data.download import download, verify
 from galaxy_lightning.data.hdf5_source import HDF5Source
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import DataError
 
 DECALS_URLS = (
     "https://zenodo.org/records/10845026/files/Galaxy10_DECals.h5",
@@ -56,9 +57,9 @@ class _Published(HDF5Source):
         if self.download:
             return download(self.urls, target, self.sha256, self.timeout, progress=progress)
         if not target.is_file():
-            raise GalaxyError(f"{target} not found and data.source.download=false: download it from "
-                              f"{self.urls[0]} and put it at {target}; for offline data use "
-                              "data=synthetic (or experiment=quickstart)")
+            raise DataError(f"{target} not found and download=false: download it from "
+                            f"{self.urls[0]} and put it at {target}; for offline data use "
+                            "data=synthetic (or experiment=quickstart)")
         verify(target, self.sha256, progress)
         return target
 

@@ -24,28 +24,13 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, provenance_matches
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.input_spec import InputSpec
 
 PREPARATION_VERSION = 1
 log = logging.getLogger(__name__)
-
-
-def center_crop(images: np.ndarray, size: int) -> np.ndarray:
-    """Central ``size`` x ``size`` window of (n, H, W, C) images."""
-    h, w = images.shape[1:3]
-    top, left = (h - size) // 2, (w - size) // 2
-    return images[:, top:top + size, left:left + size]
-
-
-def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize (n, H, W, C) uint8 images to ``size`` x ``size`` (antialiased bilinear)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _decode_split(values: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -62,8 +47,8 @@ def _decode_split(values: np.ndarray, path: Path, key: str) -> np.ndarray:
     if (codes == 255).any():
         bad = values[np.flatnonzero(codes == 255)[0]]
         bad = bad.decode() if isinstance(bad, bytes) else bad.item() if hasattr(bad, "item") else bad
-        raise GalaxyError(f"{path}: split key '{key}' holds {bad!r}; use 'train'/'val'/'test' or "
-                          "0/1/2")
+        raise DataError(f"{path}: split key '{key}' holds {bad!r}; use 'train'/'val'/'test' or "
+                        "0/1/2")
     return codes
 
 
@@ -86,10 +71,10 @@ class HDF5Source:
                  float_scale: float = 255.0, prepared_name: str | None = None) -> None:
         for name, value in (("n_per_class", n_per_class), ("crop", crop), ("resize", resize)):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise GalaxyError(f"data.source.{name}={value} must be a positive integer or null")
+                raise ConfigError(f"{name}={value} must be a positive integer or null")
         if split_key is not None and n_per_class is not None:
-            raise GalaxyError("data.source.n_per_class cannot be combined with data.source.split_key "
-                              "(the file fixes the split); set one of them to null")
+            raise ConfigError("n_per_class cannot be combined with split_key (the file fixes the "
+                              "split); set one of them to null")
         self.path = path
         self.images_key = images_key
         self.labels_key = labels_key
@@ -110,8 +95,8 @@ class HDF5Source:
         path = Path(self.path)
         path = path if path.is_absolute() else Path(data_dir) / path
         if not path.is_file():
-            raise GalaxyError(f"{path} not found; set data.source.path to your HDF5 file (absolute, "
-                              "or relative to paths.data_dir)")
+            raise DataError(f"{path} not found; set path to your HDF5 file (absolute, or relative "
+                            "to the data directory)")
         return path
 
     def source_identity(self, source: Path) -> dict[str, Any]:
@@ -138,8 +123,8 @@ class HDF5Source:
         expected = {"source": self.source_identity(source), "params": self.params}
         target = self.prepared_path(data_dir)
         if target.resolve() == source.resolve():
-            raise GalaxyError(f"{source}: data.source.prepared_name would overwrite the source; "
-                              "choose another name")
+            raise ConfigError(f"prepared_name={self.prepared_name!r} would overwrite the source "
+                              f"{source}; choose another name")
         if provenance_matches(target, expected):
             return target
         self._convert(source, target, expected, progress)
@@ -151,8 +136,8 @@ class HDF5Source:
         try:
             f = h5py.File(source, "r")
         except OSError as err:
-            raise GalaxyError(f"{source}: not a readable HDF5 file (truncated or corrupt: {err}); "
-                              "replace it with a complete copy") from None
+            raise DataError(f"{source}: not a readable HDF5 file (truncated or corrupt: {err}); "
+                            "replace it with a complete copy") from None
         with f:
             images, labels, names = self._check(source, f)
             rows, new_labels, split, stats = self._select(source, f, labels, names)
@@ -160,25 +145,26 @@ class HDF5Source:
             channels = images.shape[3] if images.ndim == 4 else 1
             side = self.crop or min(h, w)
             if self.crop is not None and (self.crop > h or self.crop > w):
-                raise GalaxyError(f"{source}: data.source.crop={self.crop} is larger than the "
-                                  f"{h}x{w} images; lower it or set it to null")
+                raise ConfigError(f"crop={self.crop} is larger than the {h}x{w} images of "
+                                  f"{source}; lower it or set it to null")
             if self.crop is None and h != w:
-                raise GalaxyError(f"{source}: images are {h}x{w}; set data.source.crop to a square "
-                                  f"size of at most {min(h, w)}")
+                raise ConfigError(f"{source}: images are {h}x{w}; set crop to a square size of at "
+                                  f"most {min(h, w)}")
             out_side = self.resize or side
+            chosen_names = [names[c] for c in (self.classes or range(len(names)))]
+            spec = InputSpec(class_names=tuple(chosen_names), channels=channels,
+                             image_size=out_side, crop=self.crop, resize=self.resize)
             message = (f"preparing {target.name} from {source.name}: {n} images of "
                        f"{stats['source_rows']}, {stats['duplicates_dropped']} repeated positions "
                        f"dropped, per class {stats['kept_per_class']}")
             log.info(message)
             if progress:
                 print(message, flush=True)
-            chosen_names = [names[c] for c in (self.classes or range(len(names)))]
-            provenance = {**expected, "counts": stats,
-                          "class_names": chosen_names}
+            provenance = {**expected, "counts": stats, "class_names": chosen_names}
             block = max(1, (images.chunks or (64,))[0])
             block *= max(1, 128 // block)
-            with PreparedWriter(target, n, (out_side, out_side, channels), chosen_names, provenance,
-                                with_split=split is not None, with_source_index=True) as writer, \
+            columns = ("source_index",) + (("split",) if split is not None else ())
+            with PreparedWriter(target, n, spec, provenance, columns) as writer, \
                     tqdm(total=n, unit="img", desc=f"preparing {target.name}",
                          disable=not progress) as bar:
                 starts = np.searchsorted(rows, np.arange(0, images.shape[0] + block, block))
@@ -189,44 +175,42 @@ class HDF5Source:
                     try:
                         chunk = images[first:min(first + block, images.shape[0])]
                     except OSError as err:
-                        raise GalaxyError(f"{source}: reading rows {first}.. of '{self.images_key}' "
-                                          f"failed (truncated or corrupt: {err}); replace the "
-                                          "file with a complete copy") from None
+                        raise DataError(f"{source}: reading rows {first}.. of '{self.images_key}' "
+                                        f"failed (truncated or corrupt: {err}); replace the "
+                                        "file with a complete copy") from None
                     pixels = self._to_uint8(chunk[rows[lo:hi] - first], source, rows[lo:hi])
-                    if self.crop is not None:  # (non-square images without a crop were refused)
-                        pixels = center_crop(pixels, side)
-                    if self.resize is not None and self.resize != side:
-                        pixels = resize_uint8(pixels, self.resize)
+                    pixels = spec.conform(pixels)  # the source crop, then the resize
                     writer.write(np.ascontiguousarray(pixels), new_labels[lo:hi],
-                                 split[lo:hi] if split is not None else None, rows[lo:hi])
+                                 source_index=rows[lo:hi],
+                                 split=split[lo:hi] if split is not None else None)
                     bar.update(hi - lo)
 
     def _check(self, source: Path, f: h5py.File) -> tuple[h5py.Dataset, np.ndarray, list[str]]:
         keys = ", ".join(sorted(f.keys()))
         for key, what in ((self.images_key, "images_key"), (self.labels_key, "labels_key")):
             if key not in f or not isinstance(f[key], h5py.Dataset):
-                raise GalaxyError(f"{source}: key '{key}' not found (keys: {keys}); set "
-                                  f"data.source.{what}")
+                raise DataError(f"{source}: key '{key}' not found (keys: {keys}); set "
+                                f"{what}")
         images = f[self.images_key]
         if images.ndim not in (3, 4) or images.shape[0] == 0:
-            raise GalaxyError(f"{source}: '{self.images_key}' has shape {images.shape}; expected "
-                              "(N, H, W) or (N, H, W, C) with N > 0")
+            raise DataError(f"{source}: '{self.images_key}' has shape {images.shape}; expected "
+                            "(N, H, W) or (N, H, W, C) with N > 0")
         if not (images.dtype == np.uint8 or images.dtype.kind == "f"):
-            raise GalaxyError(f"{source}: '{self.images_key}' is {images.dtype}; expected uint8 or "
-                              "float pixels")
+            raise DataError(f"{source}: '{self.images_key}' is {images.dtype}; expected uint8 or "
+                            "float pixels")
         try:
             labels = f[self.labels_key][...]
         except OSError as err:
-            raise GalaxyError(f"{source}: reading '{self.labels_key}' failed (truncated or corrupt: "
-                              f"{err}); replace the file with a complete copy") from None
+            raise DataError(f"{source}: reading '{self.labels_key}' failed (truncated or corrupt: "
+                            f"{err}); replace the file with a complete copy") from None
         if labels.shape != (images.shape[0],):
-            raise GalaxyError(f"{source}: '{self.labels_key}' has shape {labels.shape}; expected "
-                              f"({images.shape[0]},), one label per image")
+            raise DataError(f"{source}: '{self.labels_key}' has shape {labels.shape}; expected "
+                            f"({images.shape[0]},), one label per image")
         if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
             labels = labels.astype(np.int64)
         if labels.dtype.kind not in "iu":
-            raise GalaxyError(f"{source}: '{self.labels_key}' holds non-integer labels "
-                              f"({labels.dtype}); labels must be class numbers 0..K-1")
+            raise DataError(f"{source}: '{self.labels_key}' holds non-integer labels "
+                            f"({labels.dtype}); labels must be class numbers 0..K-1")
         labels = labels.astype(np.int64)
         names = self.class_names
         if names is None and "class_names" in f.attrs:
@@ -236,11 +220,11 @@ class HDF5Source:
         if names is None:
             names = [str(i) for i in range(int(labels.max()) + 1)]
         if labels.min() < 0 or labels.max() >= len(names):
-            raise GalaxyError(f"{source}: labels span {labels.min()}..{labels.max()} but there are "
-                              f"{len(names)} class names; fix the labels or data.source.class_names")
+            raise DataError(f"{source}: labels span {labels.min()}..{labels.max()} but there are "
+                            f"{len(names)} class names; fix the labels or class_names")
         for c in self.classes or []:
             if not 0 <= c < len(names):
-                raise GalaxyError(f"data.source.classes has {c}, not a label of {source} "
+                raise ConfigError(f"classes has {c}, not a label of {source} "
                                   f"(0..{len(names) - 1})")
         return images, labels, names
 
@@ -252,8 +236,8 @@ class HDF5Source:
         if self.dedupe_keys:
             for key in self.dedupe_keys:
                 if key not in f:
-                    raise GalaxyError(f"{source}: de-duplication key '{key}' not found; set "
-                                      "data.source.dedupe_keys (or null)")
+                    raise DataError(f"{source}: de-duplication key '{key}' not found; set "
+                                    "dedupe_keys (or null)")
             position = np.stack([np.asarray(f[k][...], dtype=np.float64) for k in self.dedupe_keys], 1)
             _, first = np.unique(position, axis=0, return_index=True)
             unique = np.zeros(len(labels), dtype=bool)
@@ -272,21 +256,21 @@ class HDF5Source:
             available[names[c]] = int(len(rows))
             if self.n_per_class is not None:
                 if len(rows) < self.n_per_class:
-                    raise GalaxyError(
+                    raise DataError(
                         f"{source}: class {c} ({names[c]}) has {len(rows)} images"
                         f"{' after de-duplication' if self.dedupe_keys else ''}, fewer than "
-                        f"data.source.n_per_class={self.n_per_class}; lower it")
+                        f"n_per_class={self.n_per_class}; lower it")
                 rows = rng.choice(rows, self.n_per_class, replace=False)
             chosen.append(rows)
         rows = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
         if len(rows) == 0:
-            raise GalaxyError(f"{source}: no images left after selecting classes {classes}; check "
-                              "data.source.classes")
+            raise DataError(f"{source}: no images left after selecting classes {classes}; check "
+                            "classes")
         split = None
         if self.split_key is not None:
             if self.split_key not in f:
-                raise GalaxyError(f"{source}: split key '{self.split_key}' not found; set "
-                                  "data.source.split_key (or null)")
+                raise DataError(f"{source}: split key '{self.split_key}' not found; set "
+                                "split_key (or null)")
             split = _decode_split(np.asarray(f[self.split_key][...]), source, self.split_key)[rows]
         new_labels = relabel[labels[rows]]
         stats = {"source_rows": int(len(labels)), "duplicates_dropped": duplicates,
@@ -303,6 +287,6 @@ class HDF5Source:
         finite = np.isfinite(pixels)
         if not finite.all():
             bad = int(np.argwhere(~finite.reshape(len(pixels), -1).all(1))[0, 0])
-            raise GalaxyError(f"{source}: '{self.images_key}' has NaN or infinite pixels (row "
-                              f"{source_rows[bad]}); clean the file or drop those rows")
+            raise DataError(f"{source}: '{self.images_key}' has NaN or infinite pixels (row "
+                            f"{source_rows[bad]}); clean the file or drop those rows")
         return np.clip(np.rint(pixels.astype(np.float32) * self.float_scale), 0, 255).astype(np.uint8)

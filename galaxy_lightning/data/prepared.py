@@ -1,12 +1,19 @@
 """The prepared-data format: the one HDF5 layout every data source writes and the DataModule reads.
 
-Layout (format version 1):
+Layout (format version 2):
 - ``images``: uint8 ``(N, H, W, C)``, the pixels exactly as the model will see them before scaling;
 - ``labels``: int64 ``(N,)`` in ``0 .. K-1``;
-- ``split`` (optional): uint8 ``(N,)`` with 0 = train, 1 = val, 2 = test, when the source fixes the split;
-- ``source_index`` (optional): int64 ``(N,)``, the row of each image in the source file;
-- attributes ``format`` / ``format_version``, ``class_names`` (JSON list of K names) and
-  ``provenance`` (JSON object: where the pixels came from and with which parameters).
+- optional per-row columns (:data:`COLUMNS`): ``split`` (0 = train, 1 = val, 2 = test, when the
+  source fixes the split), ``source_index`` (the row of each image in the source), ``id``
+  (the object's name in the user's catalog), ``ra`` / ``dec`` (degrees), ``targets`` (float32
+  ``(N, K)`` soft targets, e.g. volunteer vote fractions);
+- attributes ``format`` / ``format_version``, ``input_spec`` (JSON of
+  :class:`~galaxy_lightning.input_spec.InputSpec`: classes, geometry, scaling, stretch),
+  ``class_names`` (JSON, for readers that only want the names) and ``provenance`` (JSON: where
+  the pixels came from and with which parameters).
+
+Version 1 files (no ``input_spec``) are still read: their spec is derived from the shapes, the
+class names and the provenance.
 
 Files are written to a temporary name beside the target and renamed into place only when
 complete, so a crash never leaves a half-written file that a later run could take for a good one.
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,11 +31,18 @@ from typing import Any
 import h5py
 import numpy as np
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.input_spec import InputSpec
 
 FORMAT = "galaxy_lightning.prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPLIT_NAMES = ("train", "val", "test")
+#: Optional per-row columns: name -> dtype (``targets`` has a second axis of length K).
+COLUMNS: dict[str, Any] = {
+    "split": np.uint8, "source_index": np.int64, "id": h5py.string_dtype(), "ra": np.float64,
+    "dec": np.float64, "targets": np.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -40,13 +54,21 @@ class PreparedInfo:
     height: int
     width: int
     channels: int
-    class_names: list[str]
+    spec: InputSpec
     provenance: dict[str, Any]
-    has_split: bool
+    columns: tuple[str, ...] = ()
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec.class_names)
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return self.spec.num_classes
+
+    @property
+    def has_split(self) -> bool:
+        return "split" in self.columns
 
 
 @dataclass(frozen=True)
@@ -56,7 +78,11 @@ class PreparedData:
     info: PreparedInfo
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,)
-    split: np.ndarray | None  # uint8 (N,) or None
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def split(self) -> np.ndarray | None:
+        return self.columns.get("split")
 
 
 class PreparedWriter:
@@ -64,27 +90,22 @@ class PreparedWriter:
 
     Use as a context manager; call :meth:`write` with consecutive row blocks. Leaving the block
     with an exception (or with rows missing) deletes the temporary file and keeps any old file.
+    ``columns`` names the optional per-row columns (:data:`COLUMNS`) every block will carry.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        num_images: int,
-        image_shape: tuple[int, int, int],
-        class_names: list[str],
-        provenance: dict[str, Any],
-        with_split: bool = False,
-        with_source_index: bool = False,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], num_images: int, spec: InputSpec,
+                 provenance: dict[str, Any], columns: tuple[str, ...] = ()) -> None:
         if num_images <= 0:
-            raise GalaxyError(f"{path}: refusing to write a prepared file with no images")
+            raise DataError(f"{path}: refusing to write a prepared file with no images")
+        unknown = sorted(set(columns) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown prepared columns {unknown}; known: {sorted(COLUMNS)}")
         self.path = Path(path)
         self.num_images = num_images
-        self.image_shape = tuple(int(s) for s in image_shape)
-        self.class_names = [str(c) for c in class_names]
+        self.spec = spec
+        self.image_shape = (spec.image_size, spec.image_size, spec.channels)
         self.provenance = provenance
-        self.with_split = with_split
-        self.with_source_index = with_source_index
+        self.columns = tuple(columns)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._file: h5py.File | None = None
         self._rows = 0
@@ -97,39 +118,42 @@ class PreparedWriter:
         f.create_dataset("images", (self.num_images, *self.image_shape), dtype=np.uint8,
                          chunks=(rows, *self.image_shape))
         f.create_dataset("labels", (self.num_images,), dtype=np.int64)
-        if self.with_split:
-            f.create_dataset("split", (self.num_images,), dtype=np.uint8)
-        if self.with_source_index:
-            f.create_dataset("source_index", (self.num_images,), dtype=np.int64)
+        for name in self.columns:
+            tail = (self.spec.num_classes,) if name == "targets" else ()
+            f.create_dataset(name, (self.num_images, *tail), dtype=COLUMNS[name])
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["class_names"] = json.dumps(self.class_names)
+        f.attrs["input_spec"] = json.dumps(self.spec.to_dict(), sort_keys=True)
+        f.attrs["class_names"] = json.dumps(list(self.spec.class_names))
         f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
         return self
 
-    def write(self, images: np.ndarray, labels: np.ndarray, split: np.ndarray | None = None,
-              source_index: np.ndarray | None = None) -> None:
-        """Append a block of rows: images uint8 (n, H, W, C), labels (n,) in 0..K-1."""
+    def write(self, images: np.ndarray, labels: np.ndarray, **columns: np.ndarray | None) -> None:
+        """Append a block of rows: images uint8 (n, H, W, C), labels (n,) in 0..K-1, and one
+        array of n rows for each column the writer was opened with."""
         assert self._file is not None, "use PreparedWriter as a context manager"
         n = len(images)
         if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
             raise ValueError(f"expected uint8 images of shape (n, {self.image_shape}), got "
                              f"{images.dtype} {images.shape}")
-        if len(labels) != n or (labels.min(initial=0) < 0) or labels.max(initial=0) >= len(self.class_names):
+        if len(labels) != n or (labels.min(initial=0) < 0) or \
+                labels.max(initial=0) >= self.spec.num_classes:
             raise ValueError("labels must match the images and lie in 0..K-1")
         if self._rows + n > self.num_images:
             raise ValueError(f"writing {self._rows + n} rows into a file sized for {self.num_images}")
+        if set(k for k, v in columns.items() if v is not None) != set(self.columns):
+            raise ValueError(f"this writer was opened with columns {self.columns}; pass exactly "
+                             f"those for every block (got {sorted(columns)})")
         end = self._rows + n
         self._file["images"][self._rows:end] = images
         self._file["labels"][self._rows:end] = labels.astype(np.int64)
-        if self.with_split:
-            if split is None:
-                raise ValueError("this writer was opened with_split=True; pass split for every block")
-            self._file["split"][self._rows:end] = split.astype(np.uint8)
-        if self.with_source_index:
-            if source_index is None:
-                raise ValueError("this writer was opened with_source_index=True; pass source_index")
-            self._file["source_index"][self._rows:end] = source_index.astype(np.int64)
+        for name in self.columns:
+            values = np.asarray(columns[name])
+            if len(values) != n:
+                raise ValueError(f"column '{name}' has {len(values)} rows for {n} images")
+            if name == "id":
+                values = values.astype(str).astype(object)
+            self._file[name][self._rows:end] = values
         self._rows = end
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -146,24 +170,22 @@ class PreparedWriter:
 
 
 def write_prepared(path: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray,
-                   class_names: list[str], provenance: dict[str, Any],
-                   split: np.ndarray | None = None) -> Path:
+                   spec: InputSpec, provenance: dict[str, Any], **columns: np.ndarray) -> Path:
     """Write whole in-memory arrays as a prepared file (atomically)."""
-    with PreparedWriter(path, len(images), images.shape[1:], class_names, provenance,
-                        with_split=split is not None) as writer:
-        writer.write(images, labels, split)
+    with PreparedWriter(path, len(images), spec, provenance, tuple(columns)) as writer:
+        writer.write(images, labels, **columns)
     return Path(path)
 
 
 def _open(path: Path) -> h5py.File:
     if not path.is_file():
-        raise GalaxyError(f"{path}: prepared data file not found; run the data source's preparation "
-                          "again (delete the file to force it)")
+        raise DataError(f"{path}: prepared data file not found; run the data source's preparation "
+                        "again (delete the file to force it)")
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        raise GalaxyError(f"{path}: not a readable HDF5 file (truncated or corrupt: {err}); "
-                          "delete it so that it is prepared again") from None
+        raise DataError(f"{path}: not a readable HDF5 file (truncated or corrupt: {err}); "
+                        "delete it so that it is prepared again") from None
 
 
 def read_info(path: str | os.PathLike[str]) -> PreparedInfo:
@@ -173,35 +195,55 @@ def read_info(path: str | os.PathLike[str]) -> PreparedInfo:
         return _info(path, f)
 
 
+def _spec_of_version_1(class_names: list[str], shape: tuple[int, ...],
+                       provenance: dict[str, Any]) -> InputSpec:
+    """The input spec a format-1 file implies: its shape, its names, its source's crop/resize."""
+    params = provenance.get("params", {}) if isinstance(provenance.get("params"), dict) else {}
+    _, h, _, c = shape
+    crop, resize = params.get("crop"), params.get("resize")
+    if resize is None and crop is not None and crop != h:
+        crop = None
+    return InputSpec(class_names=tuple(class_names), channels=c, image_size=h, crop=crop,
+                     resize=resize)
+
+
 def _info(path: Path, f: h5py.File) -> PreparedInfo:
     fix = "delete it so that it is prepared again"
     if f.attrs.get("format") != FORMAT:
-        raise GalaxyError(f"{path}: not a galaxy_lightning prepared file (attribute 'format' is "
-                          f"{f.attrs.get('format')!r}); {fix}")
-    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-        raise GalaxyError(f"{path}: prepared format version {f.attrs.get('format_version')} is not "
-                          f"{FORMAT_VERSION}; {fix}")
+        raise DataError(f"{path}: not a galaxy_lightning prepared file (attribute 'format' is "
+                        f"{f.attrs.get('format')!r}); {fix}")
+    version = int(f.attrs.get("format_version", -1))
+    if version not in READABLE_VERSIONS:
+        raise DataError(f"{path}: prepared format version {version} is not one of "
+                        f"{READABLE_VERSIONS}; {fix}")
     for key in ("images", "labels"):
         if key not in f:
-            raise GalaxyError(f"{path}: key '{key}' is missing; {fix}")
+            raise DataError(f"{path}: key '{key}' is missing; {fix}")
     images, labels = f["images"], f["labels"]
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise GalaxyError(f"{path}: 'images' must be uint8 (N, H, W, C), found {images.dtype} "
-                          f"{images.shape}; {fix}")
+        raise DataError(f"{path}: 'images' must be uint8 (N, H, W, C), found {images.dtype} "
+                        f"{images.shape}; {fix}")
     if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
-        raise GalaxyError(f"{path}: 'labels' must be int64 ({images.shape[0]},), found "
-                          f"{labels.dtype} {labels.shape}; {fix}")
+        raise DataError(f"{path}: 'labels' must be int64 ({images.shape[0]},), found "
+                        f"{labels.dtype} {labels.shape}; {fix}")
     try:
-        class_names = json.loads(f.attrs["class_names"])
         provenance = json.loads(f.attrs.get("provenance", "{}"))
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise GalaxyError(f"{path}: attributes 'class_names'/'provenance' are missing or not JSON; "
-                          f"{fix}") from None
-    has_split = "split" in f
-    if has_split and f["split"].shape != (images.shape[0],):
-        raise GalaxyError(f"{path}: 'split' must have shape ({images.shape[0]},); {fix}")
+        if version == 1:
+            spec = _spec_of_version_1(json.loads(f.attrs["class_names"]), images.shape, provenance)
+        else:
+            spec = InputSpec.from_dict(json.loads(f.attrs["input_spec"]))
+    except (KeyError, TypeError, json.JSONDecodeError, ConfigError) as err:
+        raise DataError(f"{path}: attributes 'input_spec'/'class_names'/'provenance' are missing "
+                        f"or invalid ({err}); {fix}") from None
     n, h, w, c = images.shape
-    return PreparedInfo(path, n, h, w, c, [str(x) for x in class_names], provenance, has_split)
+    if version > 1 and not spec.matches(images.shape):
+        raise DataError(f"{path}: images are {h}x{w}x{c} but the input spec says "
+                        f"{spec.image_size}x{spec.image_size}x{spec.channels}; {fix}")
+    columns = tuple(name for name in COLUMNS if name in f)
+    for name in columns:
+        if f[name].shape[0] != n:
+            raise DataError(f"{path}: '{name}' must have {n} rows; {fix}")
+    return PreparedInfo(path, n, h, w, c, spec, provenance, columns)
 
 
 def read_prepared(path: str | os.PathLike[str]) -> PreparedData:
@@ -212,16 +254,19 @@ def read_prepared(path: str | os.PathLike[str]) -> PreparedData:
         try:
             images = f["images"][...]
             labels = f["labels"][...]
-            split = f["split"][...] if info.has_split else None
+            columns = {name: f[name][...] for name in info.columns}
         except OSError as err:
-            raise GalaxyError(f"{path}: reading the arrays failed (truncated or corrupt: {err}); "
-                              "delete it so that it is prepared again") from None
+            raise DataError(f"{path}: reading the arrays failed (truncated or corrupt: {err}); "
+                            "delete it so that it is prepared again") from None
+    if "id" in columns:
+        columns["id"] = columns["id"].astype(str)
     if len(labels) and (labels.min() < 0 or labels.max() >= info.num_classes):
-        raise GalaxyError(f"{path}: labels span {labels.min()}..{labels.max()} but the file names "
-                          f"{info.num_classes} classes; delete it so that it is prepared again")
+        raise DataError(f"{path}: labels span {labels.min()}..{labels.max()} but the file names "
+                        f"{info.num_classes} classes; delete it so that it is prepared again")
+    split = columns.get("split")
     if split is not None and len(split) and split.max() > 2:
-        raise GalaxyError(f"{path}: 'split' values must be 0 (train), 1 (val) or 2 (test)")
-    return PreparedData(info, images, labels, split)
+        raise DataError(f"{path}: 'split' values must be 0 (train), 1 (val) or 2 (test)")
+    return PreparedData(info, images, labels, columns)
 
 
 def provenance_matches(path: str | os.PathLike[str], expected: dict[str, Any]) -> bool:
@@ -232,7 +277,7 @@ def provenance_matches(path: str | os.PathLike[str], expected: dict[str, Any]) -
     """
     try:
         info = read_info(path)
-    except GalaxyError:
+    except DataError:
         return False
     # Round-trip through JSON so that tuples/lists and int/float spellings compare equal.
     expected = json.loads(json.dumps(expected, sort_keys=True))

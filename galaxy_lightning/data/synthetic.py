@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from galaxy_lightning.data.prepared import PreparedWriter, provenance_matches
+from galaxy_lightning.input_spec import InputSpec
 
 CLASS_NAMES = [
     "Merging",
@@ -289,8 +290,8 @@ class SyntheticGalaxies:
 
         total = self.n_per_class * len(CLASS_NAMES)
         chunk = 700
-        with PreparedWriter(path, total, (self.image_size, self.image_size, 3), CLASS_NAMES,
-                            self.provenance) as writer, \
+        spec = InputSpec(class_names=tuple(CLASS_NAMES), channels=3, image_size=self.image_size)
+        with PreparedWriter(path, total, spec, self.provenance) as writer, \
                 tqdm(total=total, desc=f"simulating {path.name}", unit="img",
                      disable=not progress) as bar:
             for start in range(0, total, chunk):

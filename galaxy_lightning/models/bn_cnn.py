@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.models.layers import PooledClassifier, conv_bn_relu, stage_channels, stem
 
 
@@ -28,7 +28,7 @@ class BNCNN(PooledClassifier):
         super().__init__()
         channels = stage_channels("BNCNN", channels, image_size, stem_stride, width, dropout)
         if depth < 1:
-            raise GalaxyError(f"model.depth={depth} must be at least 1")
+            raise ConfigError(f"depth={depth} must be at least 1")
         layers: list[nn.Module] = [stem(in_channels, channels[0], stem_stride)]
         previous = channels[0]
         for i, c in enumerate(channels):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -25,16 +25,16 @@ def stage_channels(name: str, channels: Sequence[int], image_size: int, stem_str
                    width: float, dropout: float) -> list[int]:
     """Validated, width-scaled channel counts of a model with one 2x downsampling per stage."""
     if not channels or any(int(c) <= 0 for c in channels):
-        raise GalaxyError(f"model.channels={list(channels)} must be a non-empty list of positive ints")
+        raise ConfigError(f"channels={list(channels)} must be a non-empty list of positive ints")
     if not width > 0:
-        raise GalaxyError(f"model.width={width} must be positive")
+        raise ConfigError(f"width={width} must be positive")
     if stem_stride not in (1, 2, 4):
-        raise GalaxyError(f"model.stem_stride={stem_stride} must be 1, 2 or 4")
+        raise ConfigError(f"stem_stride={stem_stride} must be 1, 2 or 4")
     if not 0 <= dropout < 1:
-        raise GalaxyError(f"model.dropout={dropout} must be in [0, 1)")
+        raise ConfigError(f"dropout={dropout} must be in [0, 1)")
     side = image_size // stem_stride // 2 ** (len(channels) - 1)
     if side < 1:
-        raise GalaxyError(f"{name}: {len(channels)} stages after a stride-{stem_stride} stem are too "
+        raise ConfigError(f"{name}: {len(channels)} stages after a stride-{stem_stride} stem are too "
                           f"many for {image_size} px images; shorten model.channels")
     return [max(1, round(int(c) * width)) for c in channels]
 

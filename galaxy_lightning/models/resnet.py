@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.models.layers import PooledClassifier, conv_bn_relu, stage_channels, stem
 
 
@@ -46,7 +46,7 @@ class ResNet(PooledClassifier):
         super().__init__()
         channels = stage_channels("ResNet", channels, image_size, stem_stride, width, dropout)
         if len(blocks) != len(channels) or any(int(b) < 1 for b in blocks):
-            raise GalaxyError(f"model.blocks={list(blocks)} must give a positive block count for "
+            raise ConfigError(f"blocks={list(blocks)} must give a positive block count for "
                               f"each of the {len(channels)} stages in model.channels")
         layers: list[nn.Module] = [stem(in_channels, channels[0], stem_stride)]
         previous = channels[0]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError
 
 _POOLS: dict[str, type[nn.Module]] = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
@@ -26,15 +26,15 @@ class TutorialCNN(nn.Module):
                  width: float = 1.0) -> None:
         super().__init__()
         if pool not in _POOLS:
-            raise GalaxyError(f"model.pool={pool!r} is not one of {sorted(_POOLS)}")
+            raise ConfigError(f"pool={pool!r} is not one of {sorted(_POOLS)}")
         if not channels or any(int(c) <= 0 for c in channels):
-            raise GalaxyError(f"model.channels={list(channels)} must be a non-empty list of positive ints")
+            raise ConfigError(f"channels={list(channels)} must be a non-empty list of positive ints")
         if not width > 0:
-            raise GalaxyError(f"model.width={width} must be positive")
+            raise ConfigError(f"width={width} must be positive")
         channels = [max(1, round(int(c) * width)) for c in channels]
         side = image_size // 2 ** len(channels)
         if side < 1:
-            raise GalaxyError(f"model.channels has {len(channels)} pooling blocks, too many for "
+            raise ConfigError(f"channels has {len(channels)} pooling blocks, too many for "
                               f"{image_size} px images; use at most {image_size.bit_length() - 1}")
         blocks: list[nn.Module] = []
         previous = in_channels

@@ -1,4 +1,4 @@
-"""Galaxy10 download and preparation, and users' own HDF5 files (all offline, on small files)."""
+"""Data sources: Galaxy10 download and preparation, users' own HDF5 files (offline, small files)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from galaxy_lightning.data.download import download
 from galaxy_lightning.data.galaxy10 import Galaxy10DECaLS, Galaxy10SDSS
 from galaxy_lightning.data.hdf5_source import HDF5Source
 from galaxy_lightning.data.prepared import read_info, read_prepared
-from galaxy_lightning.errors import GalaxyError
+from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.train import build
 
 from .conftest import FileServer
@@ -83,7 +83,7 @@ def test_download_resumes_a_partial_file_left_by_an_earlier_run(tmp_path: Path,
 
 def test_checksum_mismatch_leaves_nothing_behind(tmp_path: Path, http_server: FileServer) -> None:
     http_server.files["/g.h5"] = b"not the galaxy file" * 100
-    with pytest.raises(GalaxyError, match="SHA256 mismatch") as err:
+    with pytest.raises(DataError, match="SHA256 mismatch") as err:
         download([http_server.url("/g.h5")], tmp_path / "g.h5", "0" * 64, progress=False)
     assert "download it by hand" in str(err.value) and str(tmp_path / "g.h5") in str(err.value)
     assert list(tmp_path.iterdir()) == []
@@ -95,7 +95,7 @@ def test_404_falls_back_to_the_mirror_and_reports_when_all_fail(tmp_path: Path,
     http_server.files["/mirror.h5"] = data
     urls = [http_server.url("/missing.h5"), http_server.url("/mirror.h5")]
     assert download(urls, tmp_path / "a.h5", sha(data), progress=False).read_bytes() == data
-    with pytest.raises(GalaxyError, match="HTTP 404") as err:
+    with pytest.raises(DataError, match="HTTP 404") as err:
         download([http_server.url("/missing.h5")], tmp_path / "b.h5", sha(data), progress=False)
     assert "\n" not in str(err.value) and str(tmp_path / "b.h5") in str(err.value)
     assert not (tmp_path / "b.h5").exists()
@@ -105,7 +105,7 @@ def test_timeout_gives_a_clear_message(tmp_path: Path, http_server: FileServer) 
     http_server.files["/slow.h5"] = b"y" * 100
     http_server.delay = 2.0
     t0 = time.monotonic()
-    with pytest.raises(GalaxyError, match="could not download slow.h5"):
+    with pytest.raises(DataError, match="could not download slow.h5"):
         download([http_server.url("/slow.h5")], tmp_path / "slow.h5", None, timeout=0.3,
                  retries=2, progress=False)
     assert time.monotonic() - t0 < 10
@@ -116,7 +116,7 @@ def test_a_corrupt_file_put_by_hand_is_refused_and_kept(tmp_path: Path) -> None:
     bad = tmp_path / "Galaxy10_DECals.h5"
     bad.write_bytes(b"half a file")
     source = Galaxy10DECaLS(urls=[], download=True)
-    with pytest.raises(GalaxyError, match="does not match the published"):
+    with pytest.raises(DataError, match="does not match the published"):
         source.prepare(tmp_path, progress=False)
     assert bad.read_bytes() == b"half a file"  # the user's file is never modified or deleted
 
@@ -176,8 +176,8 @@ def test_prepared_file_is_reused_until_the_parameters_change(tmp_path: Path, dec
 def test_too_few_images_in_a_class(tmp_path: Path, decals: tuple) -> None:
     src, _, data = decals
     (tmp_path / src.name).write_bytes(data)
-    with pytest.raises(GalaxyError, match=r"class 2 \(Round Smooth\) has 26 images after "
-                                          r"de-duplication, fewer than data.source.n_per_class=28"):
+    with pytest.raises(DataError, match=r"class 2 \(Round Smooth\) has 26 images after "
+                                        r"de-duplication, fewer than n_per_class=28"):
         decals_source(tmp_path / src.name, n_per_class=28).prepare(tmp_path, progress=False)
     assert leftovers(tmp_path) == [] and not (tmp_path / "Galaxy10_DECals.prepared.h5").exists()
 
@@ -229,7 +229,7 @@ def test_user_file_grayscale_floats_names_and_split(tmp_path: Path,
 
 
 @pytest.mark.parametrize("overrides, kwargs, message", [
-    ({}, {"labels_key": "labels"}, "key 'labels' not found (keys: part, x, y); set data.source.labels_key"),
+    ({}, {"labels_key": "labels"}, "key 'labels' not found (keys: part, x, y); set labels_key"),
     ({"x": np.zeros((60, 40, 40), np.int16)}, {}, "'x' is int16; expected uint8 or float"),
     ({"x": np.zeros((60, 40), np.uint8)}, {}, "expected (N, H, W) or (N, H, W, C)"),
     ({"y": np.arange(60) % 6}, {}, "labels span 0..5 but there are 3 class names"),
@@ -237,8 +237,8 @@ def test_user_file_grayscale_floats_names_and_split(tmp_path: Path,
     ({"y": np.arange(59) % 3}, {}, "expected (60,), one label per image"),
     ({"x": np.where(np.arange(60)[:, None, None] == 33, np.nan, 0.5).repeat(40, 1).repeat(40, 2)},
      {}, "NaN or infinite pixels (row 33)"),
-    ({}, {"n_per_class": 30}, "has 20 images, fewer than data.source.n_per_class=30"),
-    ({}, {"classes": [7]}, "data.source.classes has 7"),
+    ({}, {"n_per_class": 30}, "has 20 images, fewer than n_per_class=30"),
+    ({}, {"classes": [7]}, "classes has 7"),
     ({}, {"crop": 64}, "crop=64 is larger than the 40x40 images"),
     ({"part": np.array([b"train"] * 59 + [b"holdout"])}, {"split_key": "part"}, "holds 'holdout'"),
 ])
@@ -264,11 +264,10 @@ def test_truncated_source_and_splits_larger_than_the_data(tmp_path: Path,
         HDF5Source("cut.h5", "x", "y").prepare(tmp_path, progress=False)
     cfg = make_cfg("data=hdf5", f"data.source.path={tmp_path / 'mine.h5'}", "data.source.images_key=x",
                    "data.source.labels_key=y", "data.splits=[50,10,10]", tiny=False)
-    datamodule, _, _ = build(cfg)
-    with pytest.raises(GalaxyError, match=r"needs 70 images but .* holds 60"):
-        datamodule.setup()
+    with pytest.raises(ConfigError, match=r"^data: splits=\[50, 10, 10\] needs 70 images but .* holds 60"):
+        build(cfg)  # checked from the prepared file's header, before any pixel is loaded
     cfg = make_cfg("data=hdf5", "data.splits=[50,5,5]", tiny=False)
-    with pytest.raises(GalaxyError, match="data.source.path.*has no value"):
+    with pytest.raises(ConfigError, match="data.source.path.*has no value"):
         from galaxy_lightning.config import validate_config
         validate_config(cfg)
 
@@ -278,7 +277,7 @@ def test_empty_split_in_the_file_is_reported(tmp_path: Path, make_cfg: Callable[
     cfg = make_cfg("data=hdf5", f"data.source.path={tmp_path / 'mine.h5'}", "data.source.images_key=x",
                    "data.source.labels_key=y", "data.source.split_key=part", tiny=False)
     datamodule, _, _ = build(cfg)
-    with pytest.raises(GalaxyError, match="'split' array has no test rows"):
+    with pytest.raises(DataError, match="'split' array has no test rows"):
         datamodule.setup()
 
 
@@ -290,26 +289,26 @@ def test_train_py_downloads_prepares_and_trains(tmp_path: Path, http_server: Fil
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "data=galaxy10",
-         f"data.source.urls=[{http_server.url('/Galaxy10_DECals.h5')}]",
-         f"data.source.sha256={sha(data)}", "data.source.n_per_class=20", "data.splits=[100,20,20]",
+         f"+data.source.urls=[{http_server.url('/Galaxy10_DECals.h5')}]",
+         f"+data.source.sha256={sha(data)}", "data.source.n_per_class=20", "data.splits=[100,20,20]",
          "data.batch_size=20", "trainer.max_steps=4", "trainer.val_check_interval=2",
          f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}", "~callbacks.progress_bar"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "data" / "Galaxy10_DECals.h5").read_bytes() == data
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["global_step"] == 4 and sum(map(sum, metrics["confusion_matrix"])) == 20
+    assert metrics["global_step"] == 4 and sum(map(sum, metrics["test/confusion_matrix"])) == 20
     assert metrics["class_names"][0] == "Merging"
 
 
 def test_train_py_offline_default_says_where_to_put_the_file(tmp_path: Path,
                                                             http_server: FileServer) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"data.source.urls=[{http_server.url('/gone.h5')}]",
+        [sys.executable, str(ROOT / "train.py"), f"+data.source.urls=[{http_server.url('/gone.h5')}]",
          f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: could not download Galaxy10_DECals.h5 (")
+    assert last.startswith("error: data: could not download Galaxy10_DECals.h5 (")
     assert "put it at" in last and "Traceback" not in result.stderr
     assert not list((tmp_path / "data").glob("*.part"))

@@ -1,0 +1,107 @@
+"""Checkpoints: read one safely, load its classifier for inference, and read older formats.
+
+A checkpoint is Lightning's dict (``state_dict``, ``hyper_parameters``, optimizer and loop
+states) plus ``galaxy_lightning``: ``{"format": 2, "inference": {...}}``, the format version and
+the inference options the run used (the defaults of evaluation and prediction).
+
+Format 1 (written before the input spec existed) still loads for evaluation, prediction, export
+and ``train=false``: its loose hyperparameters (``in_channels``, ``image_size``, ``crop``,
+``resize``, ``scale``, ``class_names``, ``tta``, the old augmentation keys) are translated on
+load. Resuming *training* from a format-1 checkpoint is refused: start a new run.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from galaxy_lightning.errors import CheckpointError
+from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.module import CHECKPOINT_FORMAT, GalaxyClassifier
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict (on the CPU, ``weights_only``), or a one-line error for a file that is
+    missing, unreadable, or not a galaxy_lightning checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; pass a .ckpt file from a run's "
+                              "checkpoints/ folder")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
+                              f"{first[:200]}); use another checkpoint of the run") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint \
+            or "model" not in checkpoint.get("hyper_parameters", {}):
+        raise CheckpointError(f"{path}: not a galaxy_lightning checkpoint (no model "
+                              "hyperparameters); pass a .ckpt file written by galaxy-train")
+    return checkpoint
+
+
+def checkpoint_format(checkpoint: dict[str, Any]) -> int:
+    return int(checkpoint.get("galaxy_lightning", {}).get("format", 1))
+
+
+def _augment_of_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1's ``augment``/``rotate``/``max_shift``/``scale`` data keys -> ``augment`` list."""
+    data = dict(data)
+    names = ["dihedral"] if data.pop("augment", "none") == "dihedral" else []
+    if data.pop("rotate", False):
+        names.append("rotate")
+    shift = float(data.pop("max_shift", 0.0) or 0.0)
+    if shift > 0:
+        names.append("shift")
+        data["max_shift"] = shift
+    data.pop("scale", None)
+    data["augment"] = names
+    return data
+
+
+def upgrade_hyperparameters(hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Format-1 hyperparameters -> (the current constructor's arguments, inference options)."""
+    spec = InputSpec(class_names=tuple(hparams["class_names"]), channels=int(hparams["in_channels"]),
+                     image_size=int(hparams["image_size"]), crop=hparams.get("crop"),
+                     resize=hparams.get("resize"), scale=float(hparams.get("scale", 1 / 256)))
+    scheduler = hparams.get("scheduler")
+    if scheduler:
+        scheduler = {k: v for k, v in scheduler.items() if k != "_partial_"}
+    data = hparams.get("data")
+    upgraded = {"model": hparams["model"], "input_spec": spec.to_dict(),
+                "optimizer": hparams["optimizer"], "scheduler": scheduler or None,
+                "label_smoothing": float(hparams.get("label_smoothing", 0.0)),
+                "data": _augment_of_version_1(data) if data else None}
+    return upgraded, {"tta": bool(hparams.get("tta", False))}
+
+
+def load_classifier(path: str | Path) -> GalaxyClassifier:
+    """The classifier of a checkpoint, on the CPU, in eval mode, with the inference options the
+    run used (change them with :meth:`GalaxyClassifier.set_inference`)."""
+    checkpoint = read_checkpoint(path)
+    version = checkpoint_format(checkpoint)
+    if version > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this "
+                              f"galaxy_lightning reads ({CHECKPOINT_FORMAT}); upgrade galaxy_lightning")
+    hparams = dict(checkpoint["hyper_parameters"])
+    if version == 1:
+        hparams, inference = upgrade_hyperparameters(hparams)
+    else:
+        inference = checkpoint["galaxy_lightning"].get("inference", {})
+    module = GalaxyClassifier(**hparams)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.set_inference(**inference).eval()
+
+
+def refuse_resume_of_old_format(path: str | Path) -> None:
+    """Resuming rebuilds optimizer and loop states that format 1 laid out differently."""
+    checkpoint = read_checkpoint(path)
+    if checkpoint_format(checkpoint) < CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: written by an older galaxy_lightning (checkpoint format "
+                              f"{checkpoint_format(checkpoint)}); it can be evaluated, exported, "
+                              "predicted with and tested (train=false), but not resumed: start a "
+                              "new run")
