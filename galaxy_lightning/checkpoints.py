@@ -93,6 +93,7 @@ def load_classifier(path: str | Path) -> GalaxyClassifier:
     else:
         inference = checkpoint["galaxy_lightning"].get("inference", {})
     module = GalaxyClassifier(**hparams)
+    module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.set_inference(**inference).eval()
 

@@ -184,4 +184,5 @@ def validate_config(cfg: DictConfig) -> None:
     smoothing = cfg.get("label_smoothing", 0.0)
     _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
              f"label_smoothing={smoothing} must be in [0, 1)")
-    _require(isinstance(cfg.get("tta", False), bool), f"tta={cfg.get('tta')} must be true or false")
+    for key in ("tta", "calibrate", "train", "test"):
+        _require(isinstance(cfg.get(key, False), bool), f"{key}={cfg.get(key)} must be true or false")

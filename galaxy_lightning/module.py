@@ -4,19 +4,27 @@ The risk is the tutorial's ``R(w) = -(1/N) sum_i log f_{y_i}(x_i)`` computed fro
 ``F.cross_entropy`` (log-softmax, numerically stable), optionally with label smoothing. The
 softmax itself appears only in evaluation and prediction.
 
+With soft targets (a batch of images, labels and per-class target probabilities, e.g. volunteer
+vote fractions) the risk is the cross-entropy against the target vector; accuracy is still
+measured against the majority answer (the label).
+
 Hyperparameters are the training choices only, as primitives (so checkpoints load under torch's
 ``weights_only``): the model, optimizer and scheduler configs, label smoothing, the data config
 (to rebuild the test split) and the :class:`~galaxy_lightning.input_spec.InputSpec`, from which
-the network is sized. Inference options (test-time augmentation) are not hyperparameters: they
-are set per run, evaluation or prediction (:meth:`GalaxyClassifier.set_inference`); the run's
-choice is kept in the checkpoint as the default for later use.
+the network is sized. Inference options (test-time augmentation, the calibration temperature)
+are not hyperparameters: they are set per run, evaluation or prediction
+(:meth:`GalaxyClassifier.set_inference`); the run's choice is kept in the checkpoint as the
+default for later use. The temperature itself is fitted state, a buffer saved with the weights
+(:mod:`galaxy_lightning.calibration`).
 
 Metrics, logged under one name each (the same names appear in ``metrics.json``):
 ``train/loss``, ``train/acc`` (over the batches since the previous validation, as the tutorial
 measured it), ``train/lr`` (by Lightning's ``LearningRateMonitor``), and per evaluation split
 ``{val,test}/loss``, ``/acc``, ``/ece`` (expected calibration error, 15 bins),
-``/acc_class/<class>``, plus ``val/acc_best``. Non-scalar results (confusion matrix,
-reliability bins) are kept in :attr:`GalaxyClassifier.summaries` for the figure callback.
+``/acc_class/<class>``, plus ``val/acc_best``, and with a calibrated model
+``test/ece_uncalibrated`` (the ECE before temperature scaling). Non-scalar results (confusion
+matrix, reliability bins) are kept in :attr:`GalaxyClassifier.summaries` for the figure
+callback; ``test_step`` returns each batch's probabilities for it (the gallery of mistakes).
 """
 
 from __future__ import annotations
@@ -123,22 +131,38 @@ class GalaxyClassifier(L.LightningModule):
         self.val_acc_best.persistent(True)  # survives a resume from a checkpoint
         #: Non-scalar results of the latest epoch of each evaluation split ("val", "test").
         self.summaries: dict[str, dict[str, torch.Tensor]] = {}
+        self.test_ece_uncalibrated = MulticlassCalibrationError(self.spec.num_classes,
+                                                                n_bins=CALIBRATION_BINS, norm="l1")
+        #: Divides the logits when ``calibrated`` (fitted on validation data after training).
+        self.register_buffer("temperature", torch.ones(()))
         self.tta = False
+        self.calibrated = False
         self._compile = compile
         self._train_forward: Any = None
 
     # -- inference options (not hyperparameters) -------------------------------------------------
-    def set_inference(self, tta: bool | None = None) -> GalaxyClassifier:
+    def set_inference(self, tta: bool | None = None, calibrated: bool | None = None
+                      ) -> GalaxyClassifier:
         """``tta``: evaluate and predict with the softmax averaged over the 8 symmetric views of
         each image. Validation during training stays single-view: it picks checkpoints, and 8x
-        the cost buys nothing there. ``None`` leaves a setting as it is."""
+        the cost buys nothing there. ``calibrated``: divide the logits by the fitted
+        ``temperature``. ``None`` leaves a setting as it is."""
         if tta is not None:
             self.tta = bool(tta)
+        if calibrated is not None:
+            self.calibrated = bool(calibrated)
         return self
 
+    @property
+    def inference(self) -> dict[str, bool]:
+        return {"tta": self.tta, "calibrated": self.calibrated}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["galaxy_lightning"] = {"format": CHECKPOINT_FORMAT,
-                                          "inference": {"tta": self.tta}}
+        checkpoint["galaxy_lightning"] = {"format": CHECKPOINT_FORMAT, "inference": self.inference}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written before temperature scaling existed has no temperature: 1 (none).
+        checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
 
     def setup(self, stage: str) -> None:
         # Only the training forward is compiled: evaluation batches have other shapes and no
@@ -152,13 +176,25 @@ class GalaxyClassifier(L.LightningModule):
         """Logits (N, K) of model input (N, C, H, W) (what :class:`Preprocess` makes)."""
         return self.net(x)
 
-    def log_probs(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """log p(k|x), (N, K): log-softmax of the logits, or with ``tta`` the log of the softmax
-        averaged over the 8 symmetric views of each image (rotations by 90 degrees and flips)."""
+    def view_logits(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Logits (V, N, K) of the views of each image: V = 1, or the 8 symmetric views (rotations
+        by 90 degrees and flips) with ``tta``."""
         if not tta:
-            return F.log_softmax(self(x).float(), dim=1)
-        views = F.log_softmax(self(dihedral_views(x)).float(), dim=1).view(8, len(x), -1)
-        return torch.logsumexp(views, dim=0) - math.log(8)  # log of the mean, without underflow
+            return self(x).float()[None]
+        return self(dihedral_views(x)).float().view(8, len(x), -1)
+
+    @staticmethod
+    def combine_views(logits: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """log of the mean over views of softmax(logits / temperature), (N, K), without underflow."""
+        views = F.log_softmax(logits / temperature, dim=-1)
+        return torch.logsumexp(views, dim=0) - math.log(len(views))
+
+    def log_probs(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """log p(k|x), (N, K), of model input: the log-softmax of the logits (divided by the
+        temperature when calibrated), or with ``tta`` the log of the softmax averaged over the 8
+        symmetric views of each image."""
+        return self.combine_views(self.view_logits(x, tta),
+                                  self.temperature if self.calibrated else 1.0)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -167,33 +203,42 @@ class GalaxyClassifier(L.LightningModule):
         return self.log_probs(self.preprocess(images.to(self.device)), self.tta).exp()
 
     @staticmethod
-    def risk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Empirical risk -(1/N) sum log softmax(logits)[label] (cross-entropy from logits).
+    def risk(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Empirical risk -(1/N) sum log softmax(logits)[label] (cross-entropy from logits), or
+        with ``targets`` of shape (N, K) (class probabilities, e.g. vote fractions)
+        -(1/N) sum_i sum_k t_ik log softmax(logits)_ik.
 
-        With ``label_smoothing`` = e the target is (1 - e) one-hot + e / K uniform: a penalty on
+        With ``label_smoothing`` = e the target is mixed with e / K uniform: a penalty on
         over-confident logits (used for training only; reported losses are the plain risk)."""
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     # -- steps -------------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        targets = batch[2] if len(batch) > 2 else labels  # soft targets, when the data has them
         logits = (self._train_forward or self.net)(images)
-        loss = self.risk(logits, labels, self.hparams.label_smoothing)
+        loss = self.risk(logits, targets, self.hparams.label_smoothing)
         self.train_acc.update(logits.detach().argmax(1), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor], tta: bool) -> None:
-        images, labels = batch
-        log_probs = self.log_probs(images, tta)
+    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, ...], tta: bool) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        logits = self.view_logits(images, tta)
+        log_probs = self.combine_views(logits, self.temperature if self.calibrated else 1.0)
+        probs = log_probs.exp()
         getattr(self, f"{stage}_loss").update(F.nll_loss(log_probs, labels), weight=len(labels))
-        getattr(self, f"{stage}_metrics").update(log_probs.exp(), labels)
+        getattr(self, f"{stage}_metrics").update(probs, labels)
+        if stage == "test" and self.calibrated:
+            self.test_ece_uncalibrated.update(self.combine_views(logits).exp(), labels)
+        return probs
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._evaluate("val", batch, tta=False)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate("test", batch, tta=self.tta)
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """The batch's probabilities go to the callbacks (the gallery of confident mistakes)."""
+        return self._evaluate("test", batch, tta=self.tta)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities p(k|x) of a batch of model input (with the inference options)."""
@@ -225,7 +270,12 @@ class GalaxyClassifier(L.LightningModule):
             self.train_acc.reset()
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._compute("test"))
+        results = self._compute("test")
+        if self.calibrated:
+            results["test/ece_uncalibrated"] = self.test_ece_uncalibrated.compute()
+            results["test/temperature"] = self.temperature.detach().clone()
+            self.test_ece_uncalibrated.reset()
+        self.log_dict(results)
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -7,7 +7,8 @@ decide where a figure goes (PNG file, TensorBoard).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -98,8 +99,27 @@ def reliability_diagram_figure(count: Sequence[float], confidence: Sequence[floa
     return fig
 
 
+def display_image(image: np.ndarray, display: Mapping[str, Any] | None = None) -> np.ndarray:
+    """A uint8 (H, W, C) image as a person should see it: as stored (survey cutouts and FITS
+    images are stretched already), or with ``display={"stretch": "asinh"}`` an asinh stretch
+    between the 0.5th and 99.8th percentile of the image, for linear 8-bit data whose faint
+    structure would otherwise show as black (astropy.visualization)."""
+    if not display or display.get("stretch", "linear") == "linear":
+        return image
+    from astropy.visualization import AsinhStretch, AsymmetricPercentileInterval, ImageNormalize
+
+    norm = ImageNormalize(image.astype(np.float64), interval=AsymmetricPercentileInterval(0.5, 99.8),
+                          stretch=AsinhStretch(0.05), clip=True)
+    return np.rint(np.ma.getdata(norm(image.astype(np.float64))) * 255).astype(np.uint8)
+
+
+def _show(ax: Any, image: np.ndarray, display: Mapping[str, Any] | None) -> None:
+    img = display_image(image, display)
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+
+
 def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                      per_class: int = 8) -> Figure:
+                      per_class: int = 8, display: Mapping[str, Any] | None = None) -> Figure:
     """One row per class with up to ``per_class`` uint8 NHWC example images."""
     k = len(class_names)
     fig, axes = plt.subplots(k, per_class, figsize=(1.2 * per_class + 1.6, 1.25 * k),
@@ -110,11 +130,36 @@ def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Seque
             ax = axes[c, j]
             ax.set_axis_off()
             if j < len(idx):
-                img = images[idx[j]]
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img,
-                          cmap="gray" if img.shape[-1] == 1 else None)
+                _show(ax, images[idx[j]], display)
         axes[c, 0].text(-0.08, 0.5, class_names[c], transform=axes[c, 0].transAxes,
                         ha="right", va="center", fontsize=8)
+    return fig
+
+
+def mistakes_figure(images: np.ndarray, true: Sequence[int], predicted: Sequence[int],
+                    confidence: Sequence[float], ids: Sequence[str] | None,
+                    class_names: Sequence[str], per_class: int = 8,
+                    display: Mapping[str, Any] | None = None) -> Figure:
+    """One row per true class: its most confident wrong predictions, each titled with the
+    predicted class, the confidence and (when the data has one) the object's id."""
+    rows = sorted(set(true))
+    fig, axes = plt.subplots(max(1, len(rows)), per_class,
+                             figsize=(1.5 * per_class + 1.8, 1.75 * max(1, len(rows))),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for r, label in enumerate(rows):
+        members = [i for i, t in enumerate(true) if t == label][:per_class]
+        for j, i in enumerate(members):
+            ax = axes[r, j]
+            _show(ax, images[i], display)
+            title = f"{class_names[predicted[i]][:14]} {confidence[i]:.2f}"
+            if ids is not None:
+                title += f"\n{ids[i][:20]}"
+            ax.set_title(title, fontsize=6)
+        axes[r, 0].text(-0.08, 0.5, f"true: {class_names[label]}", transform=axes[r, 0].transAxes,
+                        ha="right", va="center", fontsize=8)
+    fig.suptitle("Most confident test mistakes (predicted class, confidence)", fontsize=9)
     return fig
 
 

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from galaxy_lightning import perf
+from galaxy_lightning.calibration import calibrate, store_in_checkpoint
 from galaxy_lightning.checkpoints import refuse_resume_of_old_format
 from galaxy_lightning.config import CONFIG_PACKAGE, construct, validate_config
 from galaxy_lightning.data.datamodule import GalaxyDataModule
@@ -31,7 +32,8 @@ from galaxy_lightning.module import GalaxyClassifier
 log = logging.getLogger(__name__)
 
 #: What the hparams views of the loggers show of a run: these config groups and keys ...
-HPARAM_KEYS = ("seed", "data", "model", "optimizer", "scheduler", "label_smoothing", "tta", "trainer")
+HPARAM_KEYS = ("seed", "data", "model", "optimizer", "scheduler", "label_smoothing", "tta",
+               "calibrate", "trainer")
 #: ... against these results.
 HPARAM_METRICS = ("val/acc_best", "test/acc", "test/ece")
 
@@ -88,6 +90,29 @@ def log_run_hyperparameters(trainer: L.Trainer, cfg: DictConfig, metrics: dict[s
             logger.log_hyperparams(params)
 
 
+def load_weights(module: GalaxyClassifier, checkpoint: str) -> None:
+    """The weights the checkpoint was saved with (with weight averaging: the averaged weights,
+    which is what Lightning's EMA callback stores under ``state_dict``) and its temperature."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"])
+    module.set_inference(calibrated=state.get("galaxy_lightning", {}).get("inference", {})
+                         .get("calibrated", False))
+
+
+def calibrate_checkpoint(trainer: L.Trainer, module: GalaxyClassifier,
+                         datamodule: GalaxyDataModule, checkpoint: str) -> float:
+    """Fit the temperature of the module's weights (loaded from ``checkpoint``) on the
+    validation split, with the run's test-time augmentation, and store it in that file."""
+    val = datamodule.split("val")
+    temperature = calibrate(module, val.images, val.labels, datamodule.preprocess)
+    if trainer.is_global_zero:
+        store_in_checkpoint(checkpoint, module)
+    trainer.strategy.barrier("calibrated")
+    log.info("temperature scaling: T = %.3f fitted on %d validation images", temperature, len(val))
+    return temperature
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run the experiment described by ``cfg``; return the final metrics (floats by name)."""
     validate_config(cfg)
@@ -120,7 +145,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.warning("no best checkpoint was saved; testing the weights of the last step")
         else:  # test only: the given checkpoint (validate_config made sure there is one)
             weights = cfg.get("ckpt_path")
-        trainer.test(module, datamodule=datamodule, ckpt_path=weights, verbose=False)
+        # The tested weights are loaded here rather than by trainer.test(ckpt_path=...): after a
+        # fit with weight averaging, Lightning's EMA callback would restore the online weights
+        # (its `current_model_state`) instead of the averaged ones the checkpoint was chosen for.
+        if weights is not None:
+            load_weights(module, weights)
+            if cfg.get("calibrate", False):
+                calibrate_checkpoint(trainer, module, datamodule, weights)
+        trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update(_scalars(trainer))
         log_run_hyperparameters(trainer, cfg, metrics)
         log.info("test accuracy %.4f (best validation accuracy %.4f); outputs in %s",

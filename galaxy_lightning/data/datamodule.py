@@ -84,18 +84,68 @@ class EpochBatchSampler:
 
 
 class TensorBatches(Dataset):
-    """Images and labels in memory; ``self[index_tensor]`` is a whole batch."""
+    """Images and labels in memory; ``self[index_tensor]`` is a whole batch: (images, labels), or
+    (images, labels, targets) with soft targets. ``columns`` keeps the split's per-row catalog
+    identity (``id``, ``ra``, ``dec``) for outputs that name objects."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 targets: torch.Tensor | None = None,
+                 columns: dict[str, np.ndarray] | None = None) -> None:
         self.images = images
         self.labels = labels
+        self.targets = targets
+        self.columns = columns or {}
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         index = index.to(self.labels.device, non_blocking=True)
+        if self.targets is not None:
+            return self.images[index], self.labels[index], self.targets[index]
         return self.images[index], self.labels[index]
+
+
+def stratified_folds(labels: np.ndarray, folds: int) -> np.ndarray:
+    """Fold number (0..folds-1) of each row: each class dealt round-robin over the folds in the
+    given order, so folds are disjoint, cover every row, have sizes within one image of each
+    other, and each holds every class in proportion."""
+    order = np.argsort(labels, kind="stable")  # grouped by class, given order kept within a class
+    fold = np.empty(len(labels), dtype=np.int64)
+    fold[order] = np.arange(len(labels)) % folds
+    return fold
+
+
+def split_indices(labels: np.ndarray, split: np.ndarray | None, splits: Sequence[float],
+                  seed: int, path: Path, folds: int | None = None, fold: int = 0
+                  ) -> dict[str, torch.Tensor]:
+    """Row indices of train, val and test: the file's ``split`` column, or a permutation drawn
+    from ``seed`` cut into ``splits``. With ``folds`` the test split stays as it is and the
+    train+val pool is cut into stratified folds: fold ``fold`` validates, the others train."""
+    if split is not None:
+        codes = torch.from_numpy(split.astype(np.int64))
+        index = {name: torch.nonzero(codes == i).flatten() for i, name in enumerate(SPLIT_NAMES)}
+    else:
+        sizes = resolve_split_sizes(splits, len(labels), path)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        bounds = np.cumsum([0, *sizes])
+        index = {name: order[bounds[i]:bounds[i + 1]] for i, name in enumerate(SPLIT_NAMES)}
+    if folds is not None:
+        pool = torch.cat([index["train"], index["val"]])
+        pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))]
+        pool_labels = labels[pool.numpy()]
+        counts = np.bincount(pool_labels)
+        if (counts[counts > 0] < folds).any():
+            raise ConfigError(f"folds={folds}: a class has {counts[counts > 0].min()} images in "
+                              f"the train+val pool of {path}, fewer than the folds; lower folds")
+        assignment = torch.from_numpy(stratified_folds(pool_labels, folds))
+        index["train"], index["val"] = pool[assignment != fold], pool[assignment == fold]
+    for name, idx in index.items():
+        if len(idx) == 0 and split is not None:
+            raise DataError(f"{path}: the file's 'split' array has no {name} rows")
+        if len(idx) == 0:
+            raise ConfigError(f"the {name} split of {path} is empty; raise its share in splits")
+    return index
 
 
 def resolve_split_sizes(splits: Sequence[float], total: int, path: Path) -> list[int]:
@@ -125,12 +175,17 @@ class GalaxyDataModule(L.LightningDataModule):
     def __init__(self, source: DataSource, data_dir: str = "data", batch_size: int = 200,
                  eval_batch_size: int = 1000, splits: Sequence[float] = (10000, 1600, 1000),
                  split_seed: int = 0, shuffle_seed: int = 0, augment: str | Sequence[str] = (),
-                 max_shift: float = 2.0, test_only: bool = False,
+                 max_shift: float = 2.0, folds: int | None = None, fold: int = 0,
+                 soft_targets: bool = False, test_only: bool = False,
                  device_resident: bool = False) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value} must be a positive integer")
+        if folds is not None and (not isinstance(folds, int) or folds < 2):
+            raise ConfigError(f"folds={folds} must be an integer of at least 2 (or null)")
+        if folds is not None and not 0 <= fold < folds:
+            raise ConfigError(f"fold={fold} must be in 0..{folds - 1} for folds={folds}")
         self.source = source
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
@@ -139,6 +194,9 @@ class GalaxyDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
         self.augmentation = Augmentation(augment, max_shift, seed=shuffle_seed)
+        self.folds = folds
+        self.fold = fold
+        self.soft_targets = soft_targets
         self.test_only = test_only
         self.device_resident = device_resident
         self._path: Path | None = None
@@ -154,6 +212,9 @@ class GalaxyDataModule(L.LightningDataModule):
         self.preprocess = Preprocess(info.spec)
         if not (self.test_only or info.has_split):
             resolve_split_sizes(self.splits, info.num_images, self._path)
+        if self.soft_targets and "targets" not in info.columns:
+            raise ConfigError(f"soft_targets=true but {self._path} has no soft targets (they come "
+                              "from vote fractions: data=catalog with votes)")
 
     @property
     def path(self) -> Path:
@@ -183,27 +244,25 @@ class GalaxyDataModule(L.LightningDataModule):
         if self.test_only:  # evaluation of a whole file
             empty = torch.zeros(0, dtype=torch.int64)
             index = {"train": empty, "val": empty, "test": torch.arange(len(labels))}
-        elif data.split is not None:
-            split = torch.from_numpy(data.split.astype(np.int64))
-            index = {name: torch.nonzero(split == i).flatten() for i, name in enumerate(SPLIT_NAMES)}
-            for name, idx in index.items():
-                if len(idx) == 0:
-                    raise DataError(f"{self.path}: the file's 'split' array has no {name} rows")
         else:
-            sizes = resolve_split_sizes(self.splits, len(labels), self.path)
-            gen = torch.Generator().manual_seed(self.split_seed)
-            order = torch.randperm(len(labels), generator=gen)
-            bounds = np.cumsum([0, *sizes])
-            index = {name: order[bounds[i]:bounds[i + 1]] for i, name in enumerate(SPLIT_NAMES)}
+            index = split_indices(data.labels, data.split, self.splits, self.split_seed, self.path,
+                                  self.folds, self.fold)
+        targets = torch.from_numpy(data.columns["targets"]) if self.soft_targets else None
+        identity = {k: v for k, v in data.columns.items() if k in ("id", "ra", "dec")}
         # Each split is one contiguous copy: batches then gather from a compact array. On a GPU,
         # device_resident keeps the uint8 splits on the device (1/4 the size of floats), so a
         # batch is gathered there and nothing crosses the bus per step.
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if (self.device_resident and trainer is not None) \
             else torch.device("cpu")
-        self._split_data = {name: TensorBatches(images[idx].contiguous().to(device),
-                                                labels[idx].contiguous().to(device))
-                            for name, idx in index.items()}
+        self._split_data = {
+            name: TensorBatches(images[idx].contiguous().to(device),
+                                labels[idx].contiguous().to(device),
+                                # soft targets train; evaluation measures against the labels
+                                targets[idx].contiguous().to(device)
+                                if targets is not None and name == "train" else None,
+                                {k: v[idx.numpy()] for k, v in identity.items()})
+            for name, idx in index.items()}
 
     def split(self, name: str) -> TensorBatches:
         """The in-memory images and labels of ``train``, ``val`` or ``test``."""
@@ -233,13 +292,14 @@ class GalaxyDataModule(L.LightningDataModule):
         return self.test_dataloader()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 NHWC batch -> model input (augmented while training)."""
-        images, labels = batch
+        """uint8 NHWC batch -> model input (augmented while training); labels (and soft targets)
+        pass through."""
+        images, *rest = batch
         assert self.preprocess is not None, "prepare_data() sets the preprocessing"
         trainer = getattr(self, "trainer", None)
         if self.augmentation and trainer is not None and trainer.training:
-            return self.augmentation(images, self.preprocess), labels
-        return self.preprocess(images), labels
+            return (self.augmentation(images, self.preprocess), *rest)
+        return (self.preprocess(images), *rest)
 
     def examples(self, per_class: int = 8, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Up to ``per_class`` uint8 images of each class from a split (for image grids)."""

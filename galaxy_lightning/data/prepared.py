@@ -91,10 +91,13 @@ class PreparedWriter:
     Use as a context manager; call :meth:`write` with consecutive row blocks. Leaving the block
     with an exception (or with rows missing) deletes the temporary file and keeps any old file.
     ``columns`` names the optional per-row columns (:data:`COLUMNS`) every block will carry.
+    ``num_images`` is exact, or with ``at_most`` an upper bound (a source that skips unreadable
+    images): the file then holds the rows written.
     """
 
     def __init__(self, path: str | os.PathLike[str], num_images: int, spec: InputSpec,
-                 provenance: dict[str, Any], columns: tuple[str, ...] = ()) -> None:
+                 provenance: dict[str, Any], columns: tuple[str, ...] = (),
+                 at_most: bool = False) -> None:
         if num_images <= 0:
             raise DataError(f"{path}: refusing to write a prepared file with no images")
         unknown = sorted(set(columns) - set(COLUMNS))
@@ -106,6 +109,7 @@ class PreparedWriter:
         self.image_shape = (spec.image_size, spec.image_size, spec.channels)
         self.provenance = provenance
         self.columns = tuple(columns)
+        self.at_most = at_most
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._file: h5py.File | None = None
         self._rows = 0
@@ -115,18 +119,27 @@ class PreparedWriter:
         self._file = h5py.File(self._tmp, "w")
         f = self._file
         rows = min(self.num_images, 256)
+        grow = {"maxshape": (None, *self.image_shape)} if self.at_most else {}
         f.create_dataset("images", (self.num_images, *self.image_shape), dtype=np.uint8,
-                         chunks=(rows, *self.image_shape))
-        f.create_dataset("labels", (self.num_images,), dtype=np.int64)
+                         chunks=(rows, *self.image_shape), **grow)
+        f.create_dataset("labels", (self.num_images,), dtype=np.int64,
+                         **({"maxshape": (None,)} if self.at_most else {}))
         for name in self.columns:
             tail = (self.spec.num_classes,) if name == "targets" else ()
-            f.create_dataset(name, (self.num_images, *tail), dtype=COLUMNS[name])
+            f.create_dataset(name, (self.num_images, *tail), dtype=COLUMNS[name],
+                             **({"maxshape": (None, *tail)} if self.at_most else {}))
+        return self
+
+    def _write_attributes(self) -> None:
+        """The header, written last: a source may add results (counts) to the provenance while
+        it writes."""
+        assert self._file is not None
+        f = self._file
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["input_spec"] = json.dumps(self.spec.to_dict(), sort_keys=True)
         f.attrs["class_names"] = json.dumps(list(self.spec.class_names))
         f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
-        return self
 
     def write(self, images: np.ndarray, labels: np.ndarray, **columns: np.ndarray | None) -> None:
         """Append a block of rows: images uint8 (n, H, W, C), labels (n,) in 0..K-1, and one
@@ -159,6 +172,12 @@ class PreparedWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         assert self._file is not None
+        if exc_type is None and self.at_most and 0 < self._rows < self.num_images:
+            for name in ("images", "labels", *self.columns):
+                self._file[name].resize(self._rows, axis=0)
+            self.num_images = self._rows
+        if exc_type is None:
+            self._write_attributes()
         self._file.close()
         if exc_type is None and self._rows != self.num_images:
             self._tmp.unlink(missing_ok=True)

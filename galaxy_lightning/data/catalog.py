@@ -1,0 +1,538 @@
+"""A catalog plus a folder of cutouts -> the prepared format (``data=catalog``).
+
+How astronomers have their data: a table (CSV, Parquet, a FITS or ECSV table; read with astropy)
+with one row per object, and image files beside it: PNG/JPEG from the Legacy Surveys viewer, or
+FITS from the survey, one file per object or one per band. Preparation:
+
+1. read the catalog; check that every named column exists (the error lists the ones that do);
+2. labels from a label column (integers, or class-name strings) or from Galaxy Zoo vote
+   fractions (:func:`labels_from_votes`: the answer with the largest fraction, optionally with
+   a minimum fraction and vote count, as Galaxy10 was made; the fractions are kept as soft
+   targets);
+3. select rows: classes to keep, duplicates by id or by sky position within a tolerance
+   (astropy's coordinate matching), a split column, a seeded draw of images per class;
+4. resolve image paths under the image root(s), by relative path or by file name;
+5. read the images in worker processes, stretch FITS fluxes (recorded in the input spec), crop and
+   resize, and stream them into the prepared file, so memory does not grow with the catalog. A
+   missing or unreadable image is counted and reported, and skipped or fatal (``on_error``).
+
+The catalog and the images are only read, never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from galaxy_lightning.data.images import (
+    ImageReader,
+    check_stretch,
+    fixed_limits,
+    is_fits,
+    read_flux,
+    read_images,
+)
+from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, provenance_matches
+from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.input_spec import InputSpec
+
+PREPARATION_VERSION = 1
+#: Split-column values understood as train / val / test.
+SPLIT_VALUES = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2,
+                "testing": 2, "0": 0, "1": 1, "2": 2}
+#: How far the vote fractions of one question may sum from 1 before the row is refused.
+VOTE_SUM_TOLERANCE = 0.02
+log = logging.getLogger(__name__)
+
+
+def read_table(path: Path) -> Any:
+    """An astropy Table of a CSV, Parquet, FITS or ECSV file (by its suffix)."""
+    from astropy.table import Table
+
+    name = path.name.lower()
+    formats = {".csv": "ascii.csv", ".parquet": "parquet", ".pq": "parquet", ".ecsv": "ascii.ecsv",
+               ".fits": "fits", ".fit": "fits", ".fits.gz": "fits"}
+    fmt = next((f for suffix, f in formats.items() if name.endswith(suffix)), None)
+    if fmt is None:
+        raise ConfigError(f"catalog {path}: unknown table format; use a .csv, .parquet, .fits or "
+                          ".ecsv file")
+    if not path.is_file():
+        raise DataError(f"{path}: catalog not found; set catalog to your table (absolute, or "
+                        "relative to the data directory)")
+    try:
+        return Table.read(path, format=fmt)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable {fmt} table ({first[:200]})") from None
+
+
+def _columns_hint(table: Any) -> str:
+    names = list(table.colnames)
+    shown = ", ".join(names[:25])
+    return shown + (f", ... ({len(names) - 25} more)" if len(names) > 25 else "")
+
+
+def _column(table: Any, name: str, key: str, path: Path) -> np.ndarray:
+    """A column as a plain array; empty cells become NaN (numbers) or "" (text)."""
+    if name not in table.colnames:
+        raise DataError(f"{path}: no column '{name}' (columns: {_columns_hint(table)}); set {key}")
+    column = table[name]
+    if getattr(column, "mask", None) is not None and np.any(column.mask):
+        if column.dtype.kind in "iuf":
+            return np.asarray(column.astype(np.float64).filled(np.nan))
+        return np.asarray(column.filled(""))
+    return np.asarray(column)
+
+
+def _as_str(values: np.ndarray) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+def labels_from_votes(table: Any, path: Path, question: str, answers: Sequence[str] | None,
+                      min_fraction: float, min_votes: int) -> tuple[np.ndarray, list[str],
+                                                                     np.ndarray, dict[str, int]]:
+    """Labels from Galaxy Zoo vote fractions (``<question>_<answer>_fraction`` and
+    ``<question>_total-votes``): (label per row, -1 where dropped; answer names; the fraction
+    vector per row; counts of rows dropped and why)."""
+    prefix = f"{question}_"
+    if answers is None:
+        answers = [c[len(prefix):-len("_fraction")] for c in table.colnames
+                   if c.startswith(prefix) and c.endswith("_fraction")]
+        if not answers:
+            raise DataError(f"{path}: no vote-fraction columns '{prefix}<answer>_fraction' "
+                            f"(columns: {_columns_hint(table)}); set votes.question")
+    answers = list(answers)
+    fractions = np.stack([_column(table, f"{prefix}{a}_fraction", "votes.answers", path)
+                          .astype(np.float64) for a in answers], axis=1)
+    total = _column(table, f"{prefix}total-votes", "votes.question", path).astype(np.float64)
+    voted = np.isfinite(fractions).all(1) & np.isfinite(total) & (total > 0)
+    sums = np.where(voted, np.nan_to_num(fractions).sum(1), 1.0)
+    off = np.flatnonzero(np.abs(sums - 1.0) > VOTE_SUM_TOLERANCE)
+    if len(off):
+        raise DataError(f"{path}: the '{question}' vote fractions of row {off[0]} sum to "
+                        f"{sums[off[0]]:.3f}, not 1 ({len(off)} such rows); list every answer of "
+                        "the question in votes.answers, or fix the catalog")
+    fractions = np.nan_to_num(fractions)
+    best = fractions.argmax(1)
+    top = fractions.max(1)
+    keep = voted & (top >= min_fraction) & (total >= min_votes)
+    labels = np.where(keep, best, -1)
+    dropped = {"no_votes": int((~voted).sum()),
+               "below_min_votes": int((voted & (total < min_votes)).sum()),
+               "below_min_fraction": int((voted & (total >= min_votes) & (top < min_fraction)).sum())}
+    return labels, answers, fractions.astype(np.float32), dropped
+
+
+class CatalogSource:
+    """Data source: a catalog (CSV, Parquet, FITS/ECSV table) and its image files.
+
+    ``image_columns``: one entry per band (or one for the object): a column holding a path, or a
+    pattern of columns such as ``"{iauname}.png"``. Paths are relative to ``image_root`` (one
+    folder or a list, searched in order); ``match="name"`` instead finds each file by its name
+    anywhere below the root(s), for releases whose folder layout differs from the catalog's
+    paths (Galaxy Zoo DECaLS ``png_loc``). Labels come from ``label_column`` or ``votes``
+    (``{question, answers, min_fraction, min_votes}``). ``dedupe`` is ``null``, ``"id"`` or
+    ``"position"`` (within ``dedupe_arcsec``). FITS fluxes are stretched with ``stretch``
+    (``images.DEFAULT_STRETCH`` keys) after filling NaN pixels by ``nan``.
+    """
+
+    def __init__(self, catalog: str, image_columns: Sequence[str],
+                 image_root: str | Sequence[str] | None = None, match: str = "path",
+                 label_column: str | None = None, votes: Mapping[str, Any] | None = None,
+                 class_names: Sequence[str] | None = None, classes: Sequence[Any] | None = None,
+                 id_column: str | None = None, ra_column: str | None = None,
+                 dec_column: str | None = None, split_column: str | None = None,
+                 n_per_class: int | None = None, min_per_class: int = 2,
+                 crop: int | None = None, resize: int | None = None,
+                 dedupe: str | None = None, dedupe_arcsec: float = 1.0,
+                 fits_hdu: int | str = 0, nan: str = "median",
+                 stretch: Mapping[str, Any] | None = None, channels: int | None = None,
+                 on_error: str = "skip", workers: int | None = None,
+                 display: str | None = None, seed: int = 0,
+                 prepared_name: str | None = None) -> None:
+        if isinstance(image_columns, str):
+            image_columns = [image_columns]
+        if not image_columns:
+            raise ConfigError("image_columns must name at least one column (or pattern)")
+        if (label_column is None) == (votes is None):
+            raise ConfigError("give exactly one of label_column and votes")
+        if match not in ("path", "name"):
+            raise ConfigError(f"match={match!r} must be 'path' or 'name'")
+        if dedupe not in (None, "id", "position"):
+            raise ConfigError(f"dedupe={dedupe!r} must be null, 'id' or 'position'")
+        if dedupe == "id" and id_column is None:
+            raise ConfigError("dedupe=id needs id_column")
+        if dedupe == "position" and (ra_column is None or dec_column is None):
+            raise ConfigError("dedupe=position needs ra_column and dec_column")
+        if (ra_column is None) != (dec_column is None):
+            raise ConfigError("give both ra_column and dec_column, or neither")
+        if on_error not in ("skip", "error"):
+            raise ConfigError(f"on_error={on_error!r} must be 'skip' or 'error'")
+        for name, value in (("n_per_class", n_per_class), ("crop", crop), ("resize", resize)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value} must be a positive integer or null")
+        if channels not in (None, 1, 3):
+            raise ConfigError(f"channels={channels} must be 1, 3 or null (as the images are)")
+        if display not in (None, "linear", "asinh"):
+            raise ConfigError(f"display={display!r} must be null, 'linear' or 'asinh'")
+        if votes is not None:
+            unknown = sorted(set(votes) - {"question", "answers", "min_fraction", "min_votes"})
+            if unknown or "question" not in votes:
+                raise ConfigError(f"votes needs 'question' and takes answers, min_fraction, "
+                                  f"min_votes (got {sorted(votes)})")
+        if split_column is not None and n_per_class is not None:
+            raise ConfigError("n_per_class cannot be combined with split_column (the catalog fixes "
+                              "the split); set one of them to null")
+        self.catalog = catalog
+        self.image_columns = list(image_columns)
+        roots = [image_root] if isinstance(image_root, (str, os.PathLike)) or image_root is None \
+            else list(image_root)
+        self.image_roots = roots
+        self.match = match
+        self.label_column = label_column
+        self.votes = dict(votes) if votes is not None else None
+        self.class_names = list(class_names) if class_names is not None else None
+        self.classes = list(classes) if classes is not None else None
+        self.id_column = id_column
+        self.ra_column = ra_column
+        self.dec_column = dec_column
+        self.split_column = split_column
+        self.n_per_class = n_per_class
+        self.min_per_class = min_per_class
+        self.crop = crop
+        self.resize = resize
+        self.dedupe = dedupe
+        self.dedupe_arcsec = float(dedupe_arcsec)
+        self.fits_hdu = fits_hdu
+        self.nan = nan
+        self.stretch = check_stretch(stretch or {})
+        self.channels = channels
+        self.on_error = on_error
+        self.workers = workers
+        self.display = display
+        self.seed = seed
+        self.prepared_name = prepared_name
+        ImageReader(nan=nan)  # checks the NaN policy now, before any file is read
+
+    # -- identity and caching ----------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "image_columns", "match", "label_column", "votes", "class_names", "classes",
+            "id_column", "ra_column", "dec_column", "split_column", "n_per_class", "min_per_class",
+            "crop", "resize", "dedupe", "dedupe_arcsec", "fits_hdu", "nan", "stretch",
+            "channels", "on_error", "display", "seed")} | {"version": PREPARATION_VERSION}
+
+    def _path(self, value: str | None, data_dir: Path) -> Path | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else data_dir / path
+
+    def prepared_path(self, data_dir: Path) -> Path:
+        return Path(data_dir) / (self.prepared_name or f"{Path(self.catalog).stem}.prepared.h5")
+
+    def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
+        """Return the prepared file, building it first if it is missing or stale (the catalog
+        changed, or a parameter did). Images changed in place are not detected: delete the
+        prepared file to rebuild it."""
+        data_dir = Path(data_dir)
+        catalog = self._path(self.catalog, data_dir)
+        assert catalog is not None
+        roots = [self._path(r, data_dir) for r in self.image_roots] if self.image_roots != [None] \
+            else [catalog.parent]
+        st = catalog.stat() if catalog.is_file() else None
+        identity = {"catalog": str(catalog.resolve()), "size": st.st_size if st else None,
+                    "mtime_ns": st.st_mtime_ns if st else None,
+                    "image_roots": [str(r.resolve()) for r in roots if r is not None]}
+        expected = {"source": identity, "params": self.params}
+        target = self.prepared_path(data_dir)
+        if provenance_matches(target, expected):
+            return target
+        self._convert(catalog, [r for r in roots if r is not None], target, expected, progress)
+        return target
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def _labels(self, table: Any, path: Path) -> tuple[np.ndarray, list[str], np.ndarray | None,
+                                                       dict[str, int]]:
+        """(label per row, -1 for rows without one; class names; soft targets or None; drops)."""
+        if self.votes is not None:
+            v = self.votes
+            return labels_from_votes(table, path, v["question"], v.get("answers"),
+                                     float(v.get("min_fraction", 0.0) or 0.0),
+                                     int(v.get("min_votes", 0) or 0))
+        raw = _column(table, self.label_column, "label_column", path)
+        finite = np.isfinite(raw) if raw.dtype.kind == "f" else np.ones(len(raw), dtype=bool)
+        if raw.dtype.kind in "iu" or (raw.dtype.kind == "f"
+                                      and np.all(raw[finite] == np.round(raw[finite]))):
+            values = np.where(finite, np.nan_to_num(raw), -1).astype(np.int64)
+            if values[finite].min(initial=0) < 0:
+                raise DataError(f"{path}: column '{self.label_column}' has negative labels; "
+                                "labels are class numbers 0..K-1 or class names")
+            names = self.class_names or [str(i) for i in range(int(values.max()) + 1)]
+            if values.max() >= len(names):
+                raise DataError(f"{path}: labels reach {values.max()} but class_names has "
+                                f"{len(names)} names")
+            return values, list(names), None, {"empty_label": int((~finite).sum())}
+        text = _as_str(raw)
+        names = self.class_names or sorted({t for t in text if t.strip()})
+        lookup = {n: i for i, n in enumerate(names)}
+        labels = np.array([lookup.get(t, -1) for t in text], dtype=np.int64)
+        unnamed = sorted({t for t in text if t not in lookup})
+        if self.class_names is not None and unnamed:
+            raise DataError(f"{path}: column '{self.label_column}' holds {unnamed[:3]}, not in "
+                            "class_names; add them or remove class_names")
+        return labels, list(names), None, {"empty_label": int((labels < 0).sum())}
+
+    def _keep_classes(self, labels: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str],
+                                                                             list[int]]:
+        """Relabel to the kept classes (in the order of ``classes``); -1 for the others."""
+        if self.classes is None:
+            return labels, names, list(range(len(names)))
+        chosen = []
+        for c in self.classes:
+            index = names.index(str(c)) if str(c) in names else (int(c) if isinstance(c, int)
+                                                                  and 0 <= c < len(names) else None)
+            if index is None:
+                raise ConfigError(f"classes has {c!r}, not one of the catalog's classes {names}")
+            chosen.append(index)
+        relabel = np.full(len(names), -1, dtype=np.int64)
+        relabel[chosen] = np.arange(len(chosen))
+        return np.where(labels >= 0, relabel[np.clip(labels, 0, None)], -1), \
+            [names[i] for i in chosen], chosen
+
+    def _duplicates(self, table: Any, path: Path, rows: np.ndarray) -> np.ndarray:
+        """Mask over ``rows``: True for a repeat of an earlier row (same id, or within
+        ``dedupe_arcsec`` on the sky)."""
+        repeat = np.zeros(len(rows), dtype=bool)
+        if self.dedupe == "id":
+            ids = _as_str(_column(table, self.id_column, "id_column", path))[rows]
+            _, first = np.unique(ids.astype(str), return_index=True)
+            repeat[:] = True
+            repeat[first] = False
+        elif self.dedupe == "position":
+            from astropy import units as u
+            from astropy.coordinates import SkyCoord, search_around_sky
+
+            ra = _column(table, self.ra_column, "ra_column", path).astype(np.float64)[rows]
+            dec = _column(table, self.dec_column, "dec_column", path).astype(np.float64)[rows]
+            coords = SkyCoord(ra * u.deg, dec * u.deg)
+            i, j, _, _ = search_around_sky(coords, coords, self.dedupe_arcsec * u.arcsec)
+            later = j > i  # each pair once; the later row of a pair repeats the earlier one
+            repeat[np.unique(j[later])] = True
+        return repeat
+
+    def _split(self, table: Any, path: Path) -> np.ndarray | None:
+        if self.split_column is None:
+            return None
+        values = _as_str(_column(table, self.split_column, "split_column", path))
+        codes = np.array([SPLIT_VALUES.get(v.strip().lower(), 255) for v in values], dtype=np.uint8)
+        bad = sorted({v for v, c in zip(values, codes) if c == 255})
+        if bad:
+            raise DataError(f"{path}: column '{self.split_column}' holds {bad[:3]}; use train/val/"
+                            "test (or 0/1/2)")
+        return codes
+
+    def _image_paths(self, table: Any, path: Path, roots: list[Path], rows: np.ndarray
+                     ) -> tuple[list[tuple[Path, ...] | None], list[str]]:
+        """Resolved paths per row (None where a file is missing), and the unresolved names."""
+        per_band = []
+        for entry in self.image_columns:
+            if "{" in entry:
+                keys = re.findall(r"{([^}:!]+)", entry)
+                cols = {k: _as_str(_column(table, k, "image_columns", path))[rows] for k in keys}
+                per_band.append([entry.format(**{k: cols[k][i] for k in keys})
+                                 for i in range(len(rows))])
+            else:
+                per_band.append(list(_as_str(_column(table, entry, "image_columns", path))[rows]))
+        by_name: dict[str, Path] = {}
+        if self.match == "name":
+            for root in roots:
+                for file in sorted(root.rglob("*")):
+                    if file.is_file():
+                        by_name.setdefault(file.name, file)
+        resolved: list[tuple[Path, ...] | None] = []
+        missing: list[str] = []
+        for i in range(len(rows)):
+            files = []
+            for band in per_band:
+                name = band[i].strip()
+                found = by_name.get(Path(name).name) if self.match == "name" else next(
+                    (r / name for r in roots if name and (r / name).is_file()), None)
+                if found is None:
+                    missing.append(name or f"(empty in row {rows[i]})")
+                    break
+                files.append(found)
+            resolved.append(tuple(files) if len(files) == len(per_band) else None)
+        return resolved, missing
+
+    def _reader(self, paths: list[tuple[Path, ...]], catalog: Path) -> ImageReader:
+        """The image reader, with fixed stretch limits estimated now if asked for."""
+        stretch = dict(self.stretch)
+        fits = is_fits(paths[0][0])
+        if fits and not stretch["per_image"] and stretch["interval"] != "manual" \
+                and stretch["vmin"] is None:
+            sample = []
+            for files in paths[:64]:
+                try:
+                    sample.append(read_flux(files, self.fits_hdu, self.nan))
+                except DataError:
+                    continue
+            if not sample:
+                raise DataError(f"{catalog}: none of the first images could be read to fix the "
+                                "stretch limits")
+            if len({s.shape for s in sample}) > 1:
+                sample = [s.reshape(-1, s.shape[-1]) for s in sample]
+            stretch = fixed_limits(sample, stretch)
+        return ImageReader(self.channels, self.fits_hdu, self.nan, stretch if fits else None)
+
+    def _convert(self, catalog: Path, roots: list[Path], target: Path, expected: dict[str, Any],
+                 progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        table = read_table(catalog)
+        n_rows = len(table)
+        if n_rows == 0:
+            raise DataError(f"{catalog}: the catalog has no rows")
+        labels, names, targets, dropped = self._labels(table, catalog)
+        labels, names, chosen = self._keep_classes(labels, names)
+        if targets is not None:
+            targets = targets[:, chosen]
+            sums = targets.sum(1, keepdims=True)
+            targets = np.divide(targets, sums, out=np.zeros_like(targets), where=sums > 0)
+        split = self._split(table, catalog)
+        rows = np.flatnonzero(labels >= 0)
+        dropped["other_classes"] = int(n_rows - len(rows) - sum(dropped.values()))
+        repeat = self._duplicates(table, catalog, rows)
+        dropped["duplicates"] = int(repeat.sum())
+        rows = rows[~repeat]
+        rng = np.random.default_rng(self.seed)
+        if self.n_per_class is not None:
+            picked = []
+            for k, name in enumerate(names):
+                members = rows[labels[rows] == k]
+                if len(members) < self.n_per_class:
+                    raise DataError(f"{catalog}: class '{name}' has {len(members)} rows, fewer "
+                                    f"than n_per_class={self.n_per_class}; lower it")
+                picked.append(rng.choice(members, self.n_per_class, replace=False))
+            rows = np.sort(np.concatenate(picked))
+        paths, missing = self._image_paths(table, catalog, roots, rows)
+        if missing and (self.on_error == "error" or len(missing) == len(rows)):
+            how = "by name anywhere below" if self.match == "name" else "under"
+            hint = "" if self.match == "name" else "; or set match=name to find files by name"
+            raise DataError(f"{catalog}: {len(missing)} of {len(rows)} image paths do not resolve "
+                            f"{how} {', '.join(map(str, roots))} (first three: "
+                            f"{', '.join(missing[:3])}); check image_root and image_columns{hint}")
+        jobs = [(i, p) for i, p in enumerate(paths) if p is not None]
+        reader = self._reader([p for _, p in jobs], catalog)
+        first = self._first_image(reader, jobs)
+        spec = self._spec(first, names, reader, [p for _, p in jobs])
+        reader.spec = spec
+        ids = _as_str(_column(table, self.id_column, "id_column", catalog))[rows] \
+            if self.id_column else None
+        ra = _column(table, self.ra_column, "ra_column", catalog).astype(np.float64)[rows] \
+            if self.ra_column else None
+        dec = _column(table, self.dec_column, "dec_column", catalog).astype(np.float64)[rows] \
+            if self.dec_column else None
+        columns = {"source_index": rows, "id": ids, "ra": ra, "dec": dec,
+                   "split": split[rows] if split is not None else None,
+                   "targets": targets[rows] if targets is not None else None}
+        columns = {k: v for k, v in columns.items() if v is not None}
+        workers = self.workers if self.workers is not None else (
+            min(os.cpu_count() or 1, 8) if len(jobs) >= 256 else 0)
+        unreadable: list[str] = []
+        written_labels: list[np.ndarray] = []
+        message = (f"preparing {target.name} from {catalog.name}: {len(jobs)} images of "
+                   f"{n_rows} rows ({', '.join(f'{k} {v}' for k, v in dropped.items() if v)}"
+                   f"{', missing files ' + str(len(missing)) if missing else ''})")
+        log.info(message)
+        if progress:
+            print(message, flush=True)
+        provenance = {**expected, "class_names": names}
+        with PreparedWriter(target, len(jobs), spec, provenance, tuple(columns), at_most=True) as writer, \
+                tqdm(total=len(jobs), unit="img", desc=f"preparing {target.name}",
+                     disable=not progress) as bar:
+            block: list[tuple[int, np.ndarray]] = []
+
+            def flush() -> None:
+                if not block:
+                    return
+                index = np.array([i for i, _ in block])
+                writer.write(np.stack([img for _, img in block]), labels[rows[index]],
+                             **{k: v[index] for k, v in columns.items()})
+                written_labels.append(labels[rows[index]])
+                block.clear()
+
+            for index, result in read_images(reader, jobs, workers):
+                bar.update(1)
+                if isinstance(result, str):
+                    if self.on_error == "error":
+                        raise DataError(f"{result}; fix or remove the file, or set on_error=skip")
+                    unreadable.append(result)
+                    continue
+                block.append((index, result))
+                if len(block) >= 256:
+                    flush()
+            flush()
+            counts = np.bincount(np.concatenate(written_labels) if written_labels else
+                                 np.zeros(0, np.int64), minlength=len(names))
+            few = [f"{n} ({c})" for n, c in zip(names, counts) if c < self.min_per_class]
+            if few:
+                raise DataError(f"{catalog}: classes with fewer than {self.min_per_class} readable "
+                                f"images: {', '.join(few)}; drop them with classes=[...] or add "
+                                "images")
+            provenance["counts"] = {"catalog_rows": n_rows, "dropped": dropped,
+                                    "missing_files": len(missing), "unreadable": len(unreadable),
+                                    "per_class": dict(zip(names, counts.tolist()))}
+            writer.provenance = provenance
+        for what, items in (("missing", missing), ("unreadable", unreadable)):
+            if items:
+                note = (f"{target.name}: skipped {len(items)} {what} image(s), e.g. "
+                        f"{'; '.join(items[:3])}")
+                log.warning(note)
+                if progress:
+                    print(note, flush=True)
+
+    def _first_image(self, reader: ImageReader, jobs: list[tuple[int, tuple[Path, ...]]]
+                     ) -> np.ndarray:
+        errors = []
+        for _, files in jobs[:20]:
+            try:
+                return reader(files)
+            except DataError as err:
+                errors.append(str(err))
+        raise DataError(f"none of the first {len(errors)} images could be read: {errors[0]}")
+
+    def _spec(self, first: np.ndarray, names: list[str], reader: ImageReader,
+              paths: list[tuple[Path, ...]]) -> InputSpec:
+        """The input spec from the first image's shape and the geometry keys; without a crop or
+        resize every image must have the first one's shape."""
+        h, w, c = first.shape
+        if self.crop is not None and (self.crop > h or self.crop > w):
+            raise ConfigError(f"crop={self.crop} is larger than the {h}x{w} image {paths[0][0]}")
+        side = self.crop or min(h, w)
+        if self.crop is None and self.resize is None and h != w:
+            raise ConfigError(f"{paths[0][0]} is {h}x{w}; set crop (and resize) to make square "
+                              "images")
+        if self.crop is None and self.resize is None:
+            for files in paths[1:50]:
+                try:
+                    shape = reader(files).shape
+                except DataError:
+                    continue
+                if shape[:2] != (h, w):
+                    raise ConfigError(f"images differ in size ({paths[0][0].name} is {h}x{w}, "
+                                      f"{files[0].name} is {shape[0]}x{shape[1]}); set crop or "
+                                      "resize so that every image becomes the same size")
+        stretch = reader.stretch if reader.stretch is not None and is_fits(paths[0][0]) else None
+        display = {"stretch": self.display} if self.display else None
+        return InputSpec(class_names=tuple(names), channels=c, image_size=self.resize or side,
+                         crop=self.crop if self.crop is not None else (
+                             min(h, w) if self.resize is not None and h != w else None),
+                         resize=self.resize, stretch=stretch, display=display)

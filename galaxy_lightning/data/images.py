@@ -1,0 +1,277 @@
+"""Image files as astronomers have them -> uint8 pixels: PNG/JPEG cutouts and FITS.
+
+- PNG/JPEG (e.g. from the Legacy Surveys viewer) are already 8-bit displays: read as RGB or
+  grayscale with Pillow.
+- FITS images are floating-point fluxes: one file per band, or a 3-D cube whose planes are bands,
+  read with astropy from a chosen HDU. NaN pixels (masked or off the survey footprint) are filled
+  by a policy; an image with no finite pixel is unreadable. The fluxes become uint8 the way
+  astronomers display them (:func:`stretch_to_uint8`): a linear, square-root, log or asinh
+  stretch between limits from a percentile interval, zscale, the min/max, or fixed values, using
+  ``astropy.visualization``. The parameters are a plain dict, recorded in the input spec, so that
+  prediction stretches new images exactly as the training images were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from galaxy_lightning.errors import ConfigError, DataError
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fz")
+STRETCHES = ("linear", "sqrt", "log", "asinh")
+INTERVALS = ("percentile", "zscale", "minmax", "manual")
+NAN_POLICIES = ("median", "zero", "error")
+#: The default stretch of FITS fluxes: asinh between the 0.5th and 99.5th percentile of each
+#: image and band, which shows faint outer structure and keeps bright cores from saturating.
+#: ``a`` is astropy's parameter of the stretch (null: astropy's default, 0.1 for asinh, 1000 for
+#: log); ``vmin``/``vmax`` are fixed limits (one value, or one per band).
+DEFAULT_STRETCH: dict[str, Any] = {"kind": "asinh", "a": None, "interval": "percentile",
+                                   "percentile": 99.5, "per_image": True, "vmin": None, "vmax": None}
+
+
+def is_fits(path: str | Path) -> bool:
+    return str(path).lower().endswith(FITS_SUFFIXES)
+
+
+def check_stretch(stretch: Mapping[str, Any]) -> dict[str, Any]:
+    """The stretch parameters completed with defaults and checked."""
+    unknown = sorted(set(stretch) - set(DEFAULT_STRETCH))
+    if unknown:
+        raise ConfigError(f"stretch has unknown keys {unknown}; known: {sorted(DEFAULT_STRETCH)}")
+    out = {**DEFAULT_STRETCH, **stretch}
+    if out["kind"] not in STRETCHES:
+        raise ConfigError(f"stretch.kind={out['kind']!r} must be one of {list(STRETCHES)}")
+    if out["interval"] not in INTERVALS:
+        raise ConfigError(f"stretch.interval={out['interval']!r} must be one of {list(INTERVALS)}")
+    if out["a"] is not None and not float(out["a"]) > 0:
+        raise ConfigError(f"stretch.a={out['a']} must be positive (or null for astropy's default)")
+    if not 50 < float(out["percentile"]) <= 100:
+        raise ConfigError(f"stretch.percentile={out['percentile']} must be in (50, 100]")
+    if out["interval"] == "manual" and (out["vmin"] is None or out["vmax"] is None):
+        raise ConfigError("stretch.interval=manual needs stretch.vmin and stretch.vmax (one number, "
+                          "or one per band)")
+    return out
+
+
+def _stretch_object(params: Mapping[str, Any]) -> Any:
+    from astropy.visualization import AsinhStretch, LinearStretch, LogStretch, SqrtStretch
+
+    kind, a = params["kind"], params.get("a")
+    if kind == "asinh":
+        return AsinhStretch() if a is None else AsinhStretch(a=float(a))
+    if kind == "log":
+        return LogStretch() if a is None else LogStretch(a=float(a))
+    if kind == "sqrt":
+        return SqrtStretch()
+    return LinearStretch()
+
+
+def _interval(params: Mapping[str, Any]) -> Any:
+    from astropy.visualization import MinMaxInterval, PercentileInterval, ZScaleInterval
+
+    name = params["interval"]
+    if name == "zscale":
+        return ZScaleInterval()
+    if name == "minmax":
+        return MinMaxInterval()
+    return PercentileInterval(float(params["percentile"]))
+
+
+def band_limits(flux: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band (vmin, vmax) of (H, W, C) fluxes from the interval of ``params``."""
+    interval = _interval(params)
+    limits = [interval.get_limits(flux[..., c]) for c in range(flux.shape[-1])]
+    return np.array([lo for lo, _ in limits]), np.array([hi for _, hi in limits])
+
+
+def stretch_to_uint8(flux: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    """(H, W, C) float fluxes -> (H, W, C) uint8, each band stretched between its limits.
+
+    Limits come from the image itself (``per_image``) or are fixed (``vmin``/``vmax``, one value
+    or one per band; :func:`fixed_limits` estimates them from a sample of the training images).
+    """
+    from astropy.visualization import ImageNormalize
+
+    stretch = _stretch_object(params)
+    if params.get("per_image", True) and params["interval"] != "manual":
+        vmin, vmax = band_limits(flux, params)
+    else:
+        bands = flux.shape[-1]
+        vmin = np.broadcast_to(np.asarray(params["vmin"], dtype=np.float64), (bands,))
+        vmax = np.broadcast_to(np.asarray(params["vmax"], dtype=np.float64), (bands,))
+    out = np.empty(flux.shape, dtype=np.uint8)
+    for c in range(flux.shape[-1]):
+        lo, hi = float(vmin[c]), float(vmax[c])
+        if not hi > lo:  # a flat band: all at the bottom of the range
+            out[..., c] = 0
+            continue
+        norm = ImageNormalize(vmin=lo, vmax=hi, stretch=stretch, clip=True)
+        scaled = np.ma.getdata(norm(flux[..., c].astype(np.float64)))
+        out[..., c] = np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+
+def fixed_limits(samples: Sequence[np.ndarray], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Fixed stretch limits per band from a sample of images (the interval applied to all of
+    their pixels together): what ``per_image: false`` records in the input spec."""
+    bands = samples[0].shape[-1]
+    pixels = np.concatenate([s.reshape(-1, bands) for s in samples])[None]  # (1, P, C)
+    vmin, vmax = band_limits(pixels, params)
+    return {**params, "vmin": [float(v) for v in vmin], "vmax": [float(v) for v in vmax]}
+
+
+def fill_nan(flux: np.ndarray, policy: str, name: str) -> np.ndarray:
+    """Replace non-finite pixels of (H, W, C) fluxes: by the band's median, by zero, or refuse."""
+    finite = np.isfinite(flux)
+    if finite.all():
+        return flux
+    if not finite.any(axis=(0, 1)).all():
+        raise DataError(f"{name}: a band has no finite pixel (all NaN); drop the image or fix the "
+                        "cutout")
+    if policy == "error":
+        raise DataError(f"{name}: {int((~finite).sum())} NaN or infinite pixels; set nan=median or "
+                        "nan=zero to fill them")
+    flux = flux.copy()
+    for c in range(flux.shape[-1]):
+        bad = ~finite[..., c]
+        if bad.any():
+            flux[..., c][bad] = np.median(flux[..., c][~bad]) if policy == "median" else 0.0
+    return flux
+
+
+def read_fits(path: Path, hdu: int | str = 0) -> np.ndarray:
+    """(H, W, C) float32 fluxes of a FITS image: 2-D (one band) or a 3-D cube of bands."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            try:
+                data = hdul[hdu].data
+            except (KeyError, IndexError):
+                names = [h.name or str(i) for i, h in enumerate(hdul)]
+                raise DataError(f"{path}: no HDU {hdu!r} (HDUs: {', '.join(names)}); set "
+                                "fits_hdu") from None
+    except OSError as err:
+        raise DataError(f"{path}: not a readable FITS file ({err})") from None
+    if data is None or data.ndim not in (2, 3):
+        shape = None if data is None else data.shape
+        raise DataError(f"{path}: HDU {hdu!r} holds {shape}, not a 2-D image or a 3-D cube of "
+                        "bands; set fits_hdu")
+    data = np.asarray(data, dtype=np.float32)
+    # A cube is (bands, H, W) in FITS order; the model takes (H, W, C).
+    return data[..., None] if data.ndim == 2 else np.moveaxis(data, 0, -1)
+
+
+def read_raster(path: Path, channels: int | None) -> np.ndarray:
+    """(H, W, C) uint8 of a PNG/JPEG: RGB (alpha dropped) or grayscale."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if channels is None:
+                channels = 1 if img.mode in ("L", "I", "I;16", "F", "1") else 3
+            pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from None
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def read_flux(paths: Sequence[Path], hdu: int | str = 0, nan: str = "median") -> np.ndarray:
+    """One object's FITS fluxes, (H, W, C) float32 with non-finite pixels filled: one file (2-D,
+    or a cube of bands) or one file per band."""
+    if not all(is_fits(p) for p in paths):
+        raise DataError(f"{paths[0]}: several files per object must all be FITS (one per band)")
+    bands = [read_fits(p, hdu) for p in paths]
+    if len({b.shape[:2] for b in bands}) > 1:
+        raise DataError(f"{paths[0]}: the bands of one object differ in shape "
+                        f"({[b.shape[:2] for b in bands]})")
+    return fill_nan(np.concatenate(bands, axis=-1), nan, str(paths[0]))
+
+
+def read_image(paths: Sequence[Path], *, channels: int | None = None, hdu: int | str = 0,
+               nan: str = "median", stretch: Mapping[str, Any] | None = None) -> np.ndarray:
+    """One object's image: (H, W, C) uint8 from one file or one file per band.
+
+    FITS fluxes are NaN-filled and stretched with ``stretch`` (complete parameters, see
+    :func:`check_stretch`); PNG/JPEG pixels are taken as they are.
+    """
+    if len(paths) == 1 and not is_fits(paths[0]):
+        return read_raster(paths[0], channels)
+    return stretch_to_uint8(read_flux(paths, hdu, nan), stretch or DEFAULT_STRETCH)
+
+
+class ImageReader:
+    """Reads objects' images (one path, or one per band) as model-ready uint8: the file format's
+    own reading, the stretch, then the input spec's geometry (crop, resize). Picklable, so that
+    :func:`read_images` can run it in worker processes."""
+
+    def __init__(self, channels: int | None = None, hdu: int | str = 0, nan: str = "median",
+                 stretch: Mapping[str, Any] | None = None, spec: Any = None) -> None:
+        if nan not in NAN_POLICIES:
+            raise ConfigError(f"nan={nan!r} must be one of {list(NAN_POLICIES)}")
+        self.channels = channels
+        self.hdu = hdu
+        self.nan = nan
+        self.stretch = check_stretch(stretch or {})
+        self.spec = spec  # InputSpec, or None for the raw size
+
+    def __call__(self, paths: Sequence[Path]) -> np.ndarray:
+        image = read_image(paths, channels=self.channels, hdu=self.hdu, nan=self.nan,
+                           stretch=self.stretch)
+        if self.spec is None:
+            return image
+        try:
+            return self.spec.conform(image[None])[0]
+        except ConfigError as err:
+            raise DataError(f"{paths[0]}: {err}") from None
+
+
+def _read_chunk(reader: ImageReader, chunk: list[tuple[int, Sequence[Path]]]
+                ) -> list[tuple[int, np.ndarray | str]]:
+    out: list[tuple[int, np.ndarray | str]] = []
+    for index, paths in chunk:
+        try:
+            out.append((index, reader(paths)))
+        except DataError as err:
+            out.append((index, str(err)))
+    return out
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # each worker process reads and resizes on its own core
+
+
+def read_images(reader: ImageReader, jobs: Sequence[tuple[int, Sequence[Path]]], workers: int = 0,
+                chunk: int = 64) -> Any:
+    """Yield ``(index, uint8 image or the reason it is unreadable)`` for every job, in order.
+
+    With ``workers`` > 1, chunks of jobs are read in that many processes, at most two chunks per
+    process in flight, so memory stays bounded however long the list is.
+    """
+    chunks = [list(jobs[i:i + chunk]) for i in range(0, len(jobs), chunk)]
+    if workers <= 1:
+        for c in chunks:
+            yield from _read_chunk(reader, c)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent has torch's thread pools running, which fork does not survive
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker) as pool:
+        pending = [pool.submit(_read_chunk, reader, c) for c in chunks[:2 * workers]]
+        next_chunk = len(pending)
+        while pending:
+            results = pending.pop(0).result()
+            if next_chunk < len(chunks):
+                pending.append(pool.submit(_read_chunk, reader, chunks[next_chunk]))
+                next_chunk += 1
+            yield from results
