@@ -11,6 +11,9 @@ Runs side by side, on this machine, in one invocation:
 
 each in its own process; then each model of the ``model`` group in the recommended recipe
 (``experiment=recommended``: batch 128, dihedral augmentation) in float32 and in fast mode;
+the preparation of a catalog of generated FITS cutouts (``data=catalog``: 20,000 by default,
+and a quarter of them, to show that peak memory does not grow with the catalog), with one and
+with two reading processes;
 and prints the steady-state ms per step, images per second, peak
 resident memory, time from process start to the end of the first training step, and the ratios
 to the baseline. It also times the synthetic simulator and the preparation of the Galaxy10
@@ -121,6 +124,84 @@ def prepare_worker(source: Path, data_dir: Path, out: Path) -> None:
     out.write_text(json.dumps({"seconds": elapsed, "peak_rss_mb": _peak_rss_mb(), "path": str(path)}))
 
 
+# -- a catalog of FITS cutouts -------------------------------------------------------------------
+def write_fits_catalog(folder: Path, n: int, size: int = 64, seed: int = 0) -> float:
+    """``n`` single-band FITS cutouts (float32 fluxes: an exponential or de Vaucouleurs profile on
+    a noisy sky, some NaN pixels) and ``catalog.csv`` (objid, file, label); returns seconds."""
+    import numpy as np
+    from astropy.io import fits
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    lines = ["objid,file,label"]
+    for i in range(n):
+        q = rng.uniform(0.3, 1.0)
+        r = np.hypot(x, y / q)
+        label = int(rng.integers(0, 2))
+        profile = np.exp(-r / rng.uniform(3, 8)) if label else np.exp(-7.67 * ((r / rng.uniform(3, 8)) ** 0.25 - 1)) / 2000
+        flux = (rng.uniform(200, 2000) * profile + rng.normal(0, 3, (size, size))).astype(np.float32)
+        flux[rng.integers(0, size), :rng.integers(0, 6)] = np.nan
+        name = f"cut{i // 1000:02d}/obj{i:06d}.fits"
+        (folder / name).parent.mkdir(exist_ok=True)
+        fits.PrimaryHDU(flux).writeto(folder / name, overwrite=True)
+        lines.append(f"obj{i:06d},{name},{'disk' if label else 'spheroid'}")
+    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
+    return time.perf_counter() - t0
+
+
+def fits_prepare_worker(catalog: Path, data_dir: Path, workers: int, rows: int, out: Path) -> None:
+    """Prepare the first ``rows`` rows of the FITS catalog; time and peak memory."""
+    from galaxy_lightning.data.catalog import CatalogSource
+
+    images = catalog.parent
+    if rows < sum(1 for _ in open(catalog)) - 1:
+        subset = data_dir / f"catalog_{rows}.csv"
+        with open(catalog) as src, open(subset, "w") as dst:
+            for i, line in enumerate(src):
+                if i > rows:
+                    break
+                dst.write(line)
+        catalog = subset
+    t0 = time.perf_counter()
+    source = CatalogSource(str(catalog), ["file"], image_root=str(images), label_column="label",
+                           id_column="objid", crop=48, workers=workers,
+                           prepared_name=f"fits_{rows}_{workers}.h5")
+    path = source.prepare(data_dir, progress=False)
+    elapsed = time.perf_counter() - t0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out.write_text(json.dumps({"seconds": elapsed, "images": rows, "peak_rss_mb": _peak_rss_mb(),
+                               "peak_reader_rss_mb": children, "path": str(path)}))
+
+
+def _fits_runs(args: argparse.Namespace, me: list[str], data_dir: Path, out_dir: Path,
+               report: dict[str, Any]) -> None:
+    folder = data_dir / "bench" / "fits"
+    n = args.fits_images
+    if not (folder / "catalog.csv").is_file() or \
+            sum(1 for _ in open(folder / "catalog.csv")) - 1 < n:
+        print(f"\nwriting {n:,} FITS cutouts once (reused later) ...", flush=True)
+        report["fits_write_s"] = write_fits_catalog(folder, n)
+        print(f"  {report['fits_write_s']:.0f} s", flush=True)
+    print("\ncatalog of FITS cutouts -> prepared file (64x64 fluxes, NaN filling, asinh stretch, "
+          "crop 48):")
+    print(f"{'images':>8s} {'readers':>8s} {'seconds':>8s} {'img/s':>7s} {'driver MB':>10s} "
+          f"{'reader MB':>10s}")
+    runs = []
+    for rows, workers in ((n // 4, 2), (n, 1), (n, 2)):
+        for old in (data_dir / "bench").glob(f"fits_{rows}_{workers}.h5"):
+            old.unlink()
+        res = out_dir / f"fits_{rows}_{workers}.json"
+        r = _timed_process([*me, "--worker", "fits", "--source", str(folder / "catalog.csv"),
+                            "--rows", str(rows), "--workers", str(workers), "--result", str(res)], res)
+        r["workers"] = workers
+        runs.append(r)
+        print(f"{rows:8,d} {workers:8d} {r['seconds']:8.1f} {rows / r['seconds']:7.0f} "
+              f"{r['peak_rss_mb']:10.0f} {r['peak_reader_rss_mb']:10.0f}", flush=True)
+    report["fits_prepare"] = runs
+
+
 # -- the full-size look-alike of Galaxy10_DECals.h5 -----------------------------------------------
 def write_fullsize_decals(path: Path, synthetic: Path, duplicates: int = 59, seed: int = 0) -> float:
     """17,736 images of 256x256x3 with the real keys, dtypes and class counts; returns seconds.
@@ -205,8 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-models", action="store_true", help="skip the per-model timings")
     parser.add_argument("--only-models", action="store_true",
                         help="only the per-model timings (after the simulator)")
-    parser.add_argument("--worker", choices=["tutorial", "prepare", "simulate", "fullsize"],
+    parser.add_argument("--only-fits", action="store_true",
+                        help="only the preparation of a catalog of FITS cutouts")
+    parser.add_argument("--fits-images", type=int, default=20000,
+                        help="FITS cutouts in the catalog benchmark (20,000)")
+    parser.add_argument("--worker", choices=["tutorial", "prepare", "simulate", "fullsize", "fits"],
                         help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -220,12 +307,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "fullsize":
         return fullsize_worker(data_dir / "bench" / "Galaxy10_DECals_fullsize.h5", Path(args.source),
                                Path(args.result))
+    if args.worker == "fits":
+        return fits_prepare_worker(Path(args.source), data_dir / "bench", args.workers, args.rows,
+                                   Path(args.result))
 
     me = [sys.executable, "-m", "galaxy_lightning.bench", "--data-dir", str(data_dir)]
     out_dir = Path(args.out_dir).resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": _machine(), "steps": args.steps}
     print(f"machine: {report['machine']}\n", flush=True)
+
+    if args.only_fits:
+        _fits_runs(args, me, data_dir, out_dir, report)
+        (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+        print(f"\nresults: {out_dir / 'bench.json'}")
+        return
 
     # 1. the simulator
     res = out_dir / "simulate.json"
@@ -238,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         _tutorial_runs(args, me, synthetic, data_dir, out_dir, report)
     if not args.skip_models:
         _model_runs(args, data_dir, out_dir, report)
+    if not args.only_models and not args.skip_prepare:
+        _fits_runs(args, me, data_dir, out_dir, report)
 
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     print(f"\nresults: {out_dir / 'bench.json'}")

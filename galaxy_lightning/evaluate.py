@@ -24,7 +24,6 @@ from galaxy_lightning.callbacks import RunArtifacts
 from galaxy_lightning.checkpoints import load_classifier
 from galaxy_lightning.config import construct
 from galaxy_lightning.data.datamodule import GalaxyDataModule
-from galaxy_lightning.data.prepared import read_info
 from galaxy_lightning.errors import CheckpointError, DataError, cli_boundary, config_key
 from galaxy_lightning.module import GalaxyClassifier
 
@@ -72,12 +71,13 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
 
 def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | None = None,
              data_dir: str | None = None, batch_size: int | None = None,
-             accelerator: str = "auto", tta: bool | None = None) -> dict[str, float]:
+             accelerator: str = "auto", tta: bool | None = None,
+             calibrated: bool | None = None) -> dict[str, float]:
     """Test ``checkpoint``; write metrics.json, confusion_matrix.png, reliability_diagram.png and
-    TensorBoard events. ``tta`` (test-time augmentation over the 8 symmetric views) defaults to
-    the run's own setting."""
+    TensorBoard events. ``tta`` (test-time augmentation over the 8 symmetric views) and
+    ``calibrated`` (the fitted temperature) default to the run's own settings."""
     perf.tune_malloc()
-    module = load_classifier(checkpoint).set_inference(tta=tta)
+    module = load_classifier(checkpoint).set_inference(tta=tta, calibrated=calibrated)
     datamodule = evaluation_datamodule(module, prepared, data_dir, batch_size)
     output_dir = Path(output_dir)
     logger = TensorBoardLogger(str(output_dir), name="tensorboard", version="", default_hp_metric=False)
@@ -85,7 +85,7 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | Non
                         callbacks=[RunArtifacts(str(output_dir))], enable_model_summary=False)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     logger.log_hyperparams({"checkpoint": str(checkpoint), "data": str(datamodule.path),
-                            "tta": module.tta},
+                            **module.inference},
                            metrics={k: results[k] for k in ("test/acc", "test/ece")}, step=0)
     return {k: float(v) for k, v in results.items()}
 
@@ -102,10 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average the softmax over the 8 rotations/flips of each image "
                              "(default: as the run was configured)")
+    parser.add_argument("--calibrated", action=argparse.BooleanOptionalAction, default=None,
+                        help="divide the logits by the fitted temperature (default: as the run)")
     args = parser.parse_args(argv)
     out = Path(args.out or Path("logs") / "eval" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     results = evaluate(args.checkpoint, out, args.prepared, args.data_dir, args.batch_size,
-                       args.accelerator, args.tta)
+                       args.accelerator, args.tta, args.calibrated)
     print(f"test accuracy {results['test/acc']:.4f} (loss {results['test/loss']:.4f}, ECE "
           f"{results['test/ece']:.4f}); outputs in {out}")
 

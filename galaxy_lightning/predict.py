@@ -1,13 +1,18 @@
-"""Classify new images with a checkpoint: ``galaxy-predict CKPT INPUT... --out predictions.csv``.
+"""Classify new images with a checkpoint: ``galaxy-predict CKPT [INPUT ...] [--catalog CAT] --out CSV``.
 
-Inputs are PNG/JPEG files, folders of them, or HDF5 files (``--h5-key``, default ``images``).
-The checkpoint's input spec says how training saw its images, and prediction repeats it
-(:meth:`~galaxy_lightning.input_spec.InputSpec.conform`, then the model's own preprocessing):
-the source crop (e.g. 256 -> 96 for Galaxy10 DECaLS) and resize, the channel count (RGB or
-grayscale), the pixel scale, the class names. An image of another size is refused with a
-message unless ``--resize`` asks to center-crop it to a square and resize it. Unreadable files
-are reported and skipped. The CSV has one row per image: file, predicted class, and the
-probability of every class.
+Inputs are image files (PNG/JPEG, FITS), folders of them, HDF5 files of uint8 images
+(``--h5-key``, default ``images``; ``id``, ``ra`` and ``dec`` arrays beside them are carried
+into the output), or a catalog (``--catalog``: CSV, Parquet, FITS/ECSV table) whose image
+columns name the files. For a checkpoint trained with ``data=catalog`` the catalog options
+default to the training ones, so ``--catalog new.csv --image-root cutouts/`` is enough.
+
+The checkpoint's input spec says how training saw its images, and prediction repeats it: the
+FITS stretch, the source crop (e.g. 256 -> 96 for Galaxy10 DECaLS) and resize, the channel count,
+the pixel scale, the class names, and the run's inference options (test-time augmentation,
+temperature). An image of another size is refused unless ``--resize`` asks to center-crop and
+resize it. Unreadable files are reported and skipped. The CSV has one row per image: the
+object's id, ra and dec when the input has them, the file, the predicted class and the
+probability of every class, so it joins back onto the user's catalog.
 """
 
 from __future__ import annotations
@@ -16,112 +21,196 @@ import argparse
 import csv
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from galaxy_lightning.checkpoints import load_classifier
+from galaxy_lightning.data.catalog import _as_str, _column, read_table, resolve_image_paths
+from galaxy_lightning.data.images import FITS_SUFFIXES, RASTER_SUFFIXES, ImageReader, read_images
 from galaxy_lightning.errors import ConfigError, DataError, cli_boundary
 from galaxy_lightning.input_spec import SizeMismatch
+from galaxy_lightning.module import GalaxyClassifier
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def _read_image(path: Path, channels: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        return np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+IMAGE_SUFFIXES = set(RASTER_SUFFIXES) | set(FITS_SUFFIXES)
+IDENTITY = ("id", "ra", "dec")
 
 
-def iter_inputs(inputs: list[str], channels: int, h5_key: str) -> Iterator[tuple[str, np.ndarray | Exception]]:
-    """(name, image or the error that made it unreadable) for every input image."""
-    import h5py
+@dataclass
+class CatalogInput:
+    """Where a catalog's images are and which columns name the objects."""
 
+    catalog: str
+    image_root: list[str] = field(default_factory=list)
+    image_columns: list[str] | None = None
+    match: str | None = None
+    id_column: str | None = None
+    ra_column: str | None = None
+    dec_column: str | None = None
+
+    def with_training_defaults(self, module: GalaxyClassifier) -> CatalogInput:
+        """Options left unset take the values the checkpoint was trained with (data=catalog)."""
+        source = (module.hparams.get("data") or {}).get("source") or {}
+        if not str(source.get("_target_", "")).endswith("CatalogSource"):
+            source = {}
+        out = CatalogInput(self.catalog, self.image_root)
+        for key in ("image_columns", "match", "id_column", "ra_column", "dec_column"):
+            setattr(out, key, getattr(self, key) or source.get(key))
+        out.match = out.match or "path"
+        if not out.image_columns:
+            raise ConfigError("--image-columns is needed: the checkpoint was not trained on a "
+                              "catalog, so it does not know which column names the files")
+        return out
+
+
+def _is_image(path: Path) -> bool:
+    return str(path).lower().endswith(tuple(IMAGE_SUFFIXES))
+
+
+def file_jobs(inputs: list[str]) -> tuple[list[tuple[str, tuple[Path, ...]]], list[tuple[str, str]]]:
+    """(name, files) of every image file given or found in a folder, and problems with inputs."""
+    jobs, problems = [], []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image(p))
             if not files:
-                yield str(path), DataError("folder has no PNG or JPEG files")
-            for f in files:
-                try:
-                    yield str(f), _read_image(f, channels)
-                except Exception as err:  # noqa: BLE001 - PIL raises many types
-                    yield str(f), err
-        elif path.suffix.lower() in (".h5", ".hdf5"):
-            try:
-                with h5py.File(path, "r") as f:
-                    if h5_key not in f:
-                        raise DataError(f"key '{h5_key}' not found (keys: {', '.join(f.keys())}); "
-                                        "set --h5-key")
-                    data = f[h5_key]
-                    if data.dtype != np.uint8:
-                        raise DataError(f"'{h5_key}' is {data.dtype}; prediction takes uint8 images")
-                    for start in range(0, len(data), 1024):
-                        block = data[start:start + 1024]
-                        for i, img in enumerate(block):
-                            yield f"{path}[{start + i}]", img
-            except Exception as err:  # noqa: BLE001
-                yield str(path), err
-        else:
-            try:
-                yield str(path), _read_image(path, channels)
-            except Exception as err:  # noqa: BLE001
-                yield str(path), err
+                problems.append((str(path), "folder has no PNG, JPEG or FITS files"))
+            jobs += [(str(f), (f,)) for f in files]
+        elif path.suffix.lower() not in (".h5", ".hdf5"):
+            jobs.append((str(path), (path,)))
+    return jobs, problems
+
+
+def h5_batches(path: Path, key: str, block: int = 1024
+               ) -> Iterator[tuple[list[str], np.ndarray, dict[str, np.ndarray]]]:
+    """Blocks of (names, uint8 images, identity columns) of an HDF5 array of images."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err})") from None
+    with f:
+        if key not in f:
+            raise DataError(f"{path}: key '{key}' not found (keys: {', '.join(f.keys())}); set "
+                            "--h5-key")
+        data = f[key]
+        if data.dtype != np.uint8:
+            raise DataError(f"{path}: '{key}' is {data.dtype}; prediction takes uint8 images")
+        identity = {k: f[k] for k in IDENTITY if k in f and f[k].shape[:1] == data.shape[:1]}
+        for start in range(0, len(data), block):
+            stop = min(start + block, len(data))
+            columns = {k: np.asarray(v[start:stop]) for k, v in identity.items()}
+            if "id" in columns:
+                columns["id"] = _as_str(columns["id"])
+            yield [f"{path}[{i}]" for i in range(start, stop)], data[start:stop], columns
+
+
+class PredictionWriter:
+    """The CSV: identity columns (when any input has them), file, prediction, probabilities."""
+
+    def __init__(self, f: Any, names: list[str], identity: bool) -> None:
+        self.writer = csv.writer(f)
+        self.identity = identity
+        self.names = names
+        self.writer.writerow([*(IDENTITY if identity else ()), "file", "predicted_class",
+                              "predicted_index", *[f"p_{n}" for n in names]])
+
+    def rows(self, files: list[str], probs: torch.Tensor, columns: dict[str, np.ndarray]) -> None:
+        for i, (name, p) in enumerate(zip(files, probs.tolist())):
+            k = int(np.argmax(p))
+            ident = [columns[c][i] if c in columns else "" for c in IDENTITY] if self.identity else []
+            self.writer.writerow([*ident, name, self.names[k], k, *[f"{x:.6g}" for x in p]])
 
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batch_size: int = 256,
             h5_key: str = "images", allow_resize: bool = False, progress: bool = True,
-            tta: bool | None = None) -> tuple[int, list[tuple[str, str]]]:
+            tta: bool | None = None, calibrated: bool | None = None,
+            catalog: CatalogInput | None = None, workers: int = 0
+            ) -> tuple[int, list[tuple[str, str]]]:
     """Write predictions to ``out_csv``; return (images predicted, [(file, reason skipped)]).
-    ``tta`` (mean softmax over the 8 symmetric views) defaults to the checkpoint's setting."""
+    ``tta`` and ``calibrated`` default to the run's own inference options."""
     from tqdm.auto import tqdm
 
-    module = load_classifier(checkpoint).set_inference(tta=tta)
+    module = load_classifier(checkpoint).set_inference(tta=tta, calibrated=calibrated)
     spec = module.spec
-    names = list(spec.class_names)
-    skipped: list[tuple[str, str]] = []
-    done = 0
+    reader = ImageReader(channels=spec.channels, stretch=spec.stretch, spec=spec,
+                         allow_resize=allow_resize)
+    jobs, skipped = file_jobs(inputs)
+    job_columns: dict[str, np.ndarray] = {}
+    if catalog is not None:
+        catalog = catalog.with_training_defaults(module)
+        path = Path(catalog.catalog)
+        table = read_table(path)
+        rows = np.arange(len(table))
+        roots = [Path(r) for r in catalog.image_root] or [path.parent]
+        paths, _ = resolve_image_paths(table, path, roots, catalog.image_columns or [],
+                                       catalog.match or "path", rows)
+        for key, column in zip(IDENTITY, (catalog.id_column, catalog.ra_column, catalog.dec_column)):
+            if column:
+                values = _column(table, column, f"--{key}-column", path)
+                job_columns[key] = _as_str(values) if key == "id" else values
+        first = len(jobs)
+        for i, files in enumerate(paths):
+            name = str(files[0]) if files else f"{path.name} row {i}"
+            if files is None:
+                skipped.append((name, "image file not found"))
+            jobs.append((name, files or ()))
+        job_columns = {k: np.concatenate([np.full(first, "" if k == "id" else np.nan, dtype=object),
+                                          v.astype(object)]) for k, v in job_columns.items()}
+    h5_inputs = [Path(i) for i in inputs if Path(i).suffix.lower() in (".h5", ".hdf5")]
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_csv.with_name(f".{out_csv.name}.tmp")
-    with open(tmp, "w", newline="") as f, tqdm(desc="predicting", unit="img", disable=not progress) as bar:
-        writer = csv.writer(f)
-        writer.writerow(["file", "predicted_class", "predicted_index", *[f"p_{n}" for n in names]])
-        pending: list[tuple[str, np.ndarray]] = []
+    done = 0
+    try:
+        with open(tmp, "w", newline="") as f, tqdm(desc="predicting", unit="img",
+                                                   disable=not progress) as bar:
+            writer = PredictionWriter(f, list(spec.class_names),
+                                      identity=bool(job_columns) or bool(h5_inputs))
+            pending: list[tuple[int, np.ndarray]] = []
 
-        def flush() -> None:
-            nonlocal done
-            if not pending:
-                return
-            probs = module.probabilities(torch.from_numpy(np.stack([img for _, img in pending])))
-            for (name, _), p in zip(pending, probs.tolist()):
-                k = int(np.argmax(p))
-                writer.writerow([name, names[k], k, *[f"{x:.6g}" for x in p]])
-            done += len(pending)
-            bar.update(len(pending))
-            pending.clear()
+            def flush() -> None:
+                nonlocal done
+                if pending:
+                    index = [i for i, _ in pending]
+                    probs = module.probabilities(torch.from_numpy(np.stack([img for _, img in pending])))
+                    writer.rows([jobs[i][0] for i in index], probs,
+                                {k: v[index] for k, v in job_columns.items()})
+                    done += len(pending)
+                    bar.update(len(pending))
+                    pending.clear()
 
-        for name, image in iter_inputs(inputs, spec.channels, h5_key):
-            if isinstance(image, Exception):
-                skipped.append((name, str(image).splitlines()[0] if str(image) else type(image).__name__))
-                continue
-            try:
-                pending.append((name, spec.conform(image[None], allow_resize)[0]))
-            except SizeMismatch as err:
-                skipped.append((name, f"{err} (--resize)"))
-                continue
-            except ConfigError as err:
-                skipped.append((name, str(err)))
-                continue
-            if len(pending) >= batch_size:
-                flush()
-        flush()
-    tmp.replace(out_csv)
+            readable = [(i, files) for i, (_, files) in enumerate(jobs) if files]
+            for index, result in read_images(reader, readable, workers):
+                if isinstance(result, Exception):
+                    reason = str(result).removeprefix(f"{jobs[index][0]}: ")
+                    skipped.append((jobs[index][0], f"{reason} (--resize)"
+                                    if isinstance(result, SizeMismatch) else reason))
+                    continue
+                pending.append((index, result))
+                if len(pending) >= batch_size:
+                    flush()
+            flush()
+            for h5 in h5_inputs:
+                for names, images, columns in h5_batches(h5, h5_key):
+                    try:
+                        images = spec.conform(images, allow_resize)
+                    except ConfigError as err:
+                        skipped.append((str(h5), str(err)))
+                        break
+                    writer.rows(names, module.probabilities(torch.from_numpy(np.ascontiguousarray(images))),
+                                columns)
+                    done += len(names)
+                    bar.update(len(names))
+        tmp.replace(out_csv)
+    finally:
+        tmp.unlink(missing_ok=True)
     return done, skipped
 
 
@@ -129,20 +218,41 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="galaxy-predict", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a .ckpt file written by galaxy-train")
-    parser.add_argument("inputs", nargs="+", help="image files, folders of them, or HDF5 files")
+    parser.add_argument("inputs", nargs="*", help="image files (PNG, JPEG, FITS), folders of them, "
+                                                  "or HDF5 files")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (predictions.csv)")
     parser.add_argument("--h5-key", default="images", help="dataset of uint8 images in HDF5 inputs")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="processes reading image files")
     parser.add_argument("--resize", action="store_true",
                         help="center-crop and resize images whose size does not match")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average the softmax over the 8 rotations/flips of each image "
                              "(default: as the run was configured)")
+    parser.add_argument("--calibrated", action=argparse.BooleanOptionalAction, default=None,
+                        help="divide the logits by the fitted temperature (default: as the run)")
+    group = parser.add_argument_group("catalog input (defaults: the training catalog's columns)")
+    group.add_argument("--catalog", help="a CSV, Parquet, FITS or ECSV table of objects")
+    group.add_argument("--image-root", nargs="+", default=[],
+                       help="folder(s) the image paths are relative to (default: the catalog's)")
+    group.add_argument("--image-columns", nargs="+", help="column(s) or patterns naming the files")
+    group.add_argument("--match", choices=["path", "name"], help="resolve files by relative path "
+                                                                 "or by file name below the root")
+    group.add_argument("--id-column")
+    group.add_argument("--ra-column")
+    group.add_argument("--dec-column")
     args = parser.parse_args(argv)
-    done, skipped = predict(args.checkpoint, args.inputs, args.out, args.batch_size,
-                            args.h5_key, args.resize, tta=args.tta)
-    for name, reason in skipped:
+    if not args.inputs and not args.catalog:
+        parser.error("give image files, folders, HDF5 files or --catalog")
+    catalog = CatalogInput(args.catalog, args.image_root, args.image_columns, args.match,
+                           args.id_column, args.ra_column, args.dec_column) if args.catalog else None
+    done, skipped = predict(args.checkpoint, args.inputs, args.out, args.batch_size, args.h5_key,
+                            args.resize, tta=args.tta, calibrated=args.calibrated, catalog=catalog,
+                            workers=args.workers)
+    for name, reason in skipped[:20]:
         print(f"skipped {name}: {reason}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more skipped", file=sys.stderr)
     print(f"{done} images classified -> {args.out}" + (f"; {len(skipped)} skipped" if skipped else ""))
     if done == 0:
         raise SystemExit(1)

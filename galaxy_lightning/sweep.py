@@ -3,9 +3,11 @@
 Hydra calls :class:`SweepSummary` when a sweep ends (``conf/hydra/default.yaml`` registers it).
 It reads every job's ``.hydra/overrides.yaml`` and ``metrics.json`` and writes
 ``summary.csv`` into the sweep directory, sorted by best validation accuracy, and prints it.
-When the sweep repeats configurations over seeds (``seed=0,1,2``), it also writes
-``summary_by_config.csv`` and prints a Markdown table with one row per configuration: the
-model's parameters, training minutes, and test accuracy and ECE as mean, min and max over seeds.
+When the sweep repeats configurations over seeds (``seed=0,1,2``) or cross-validation folds
+(``data.fold=0,1,2,3,4``), it also writes ``summary_by_config.csv`` and prints a Markdown table
+with one row per configuration: the model's parameters, training minutes, and test accuracy and
+ECE as mean, standard deviation, a 95% confidence interval of the mean (Student's t), min and max
+over the repeats.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,15 @@ log = logging.getLogger(__name__)
 RESULTS = ("val/acc_best", "test/acc", "test/ece")
 COLUMNS = ["job", "overrides", *RESULTS, "best_step", "params", "fit_minutes", "status", "run_dir",
            "all_overrides"]
-GROUP_COLUMNS = ["config", "runs", "seeds", "params", "fit_minutes", "test/acc_mean",
-                 "test/acc_min", "test/acc_max", "test/ece_mean", "test/ece_min", "test/ece_max"]
+#: What a repeat of one configuration varies: the seed, or the cross-validation fold.
+REPEATS = ("seed=", "data.fold=")
+STATS = ("mean", "std", "ci95_low", "ci95_high", "min", "max")
+GROUP_COLUMNS = ["config", "runs", "repeats", "params", "fit_minutes",
+                 *[f"{k}_{s}" for k in ("test/acc", "test/ece") for s in STATS]]
+#: Student's t, 97.5th percentile, by degrees of freedom 1..30 (beyond: 1.96).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -63,50 +71,69 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _seed_of(overrides: str) -> str | None:
-    match = re.search(r"(?:^| )seed=(\S+)", overrides)
-    return match.group(1) if match else None
+def _repeat_of(overrides: str) -> str:
+    """What distinguishes a repeat: 'seed=1', 'data.fold=2', or both."""
+    return " ".join(o for o in overrides.split() if o.startswith(REPEATS)) or "-"
+
+
+def summary_statistics(values: list[float]) -> dict[str, float | None]:
+    """Mean, sample standard deviation, 95% confidence interval of the mean, min and max."""
+    if not values:
+        return dict.fromkeys(STATS)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    half = T975[min(len(values) - 1, len(T975)) - 1] * std / len(values) ** 0.5 \
+        if std is not None else None
+    return {"mean": mean, "std": std, "ci95_low": mean - half if half is not None else None,
+            "ci95_high": mean + half if half is not None else None,
+            "min": min(values), "max": max(values)}
 
 
 def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Finished jobs grouped by their overrides without ``seed=`` (and without ``paths.*`` and
-    ``hydra.*``, which say where, not what): the mean, min and max over seeds of test accuracy
-    and ECE, and the mean training minutes, in sweep order."""
+    """Finished jobs grouped by their overrides without ``seed=`` and ``data.fold=`` (and
+    without ``paths.*`` and ``hydra.*``, which say where, not what): :func:`summary_statistics`
+    of test accuracy and ECE over the repeats, and the mean training minutes, in sweep order."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: (len(r["job"]), r["job"])):
         if r["status"] != "done" or r["test/acc"] is None:
             continue
         config = " ".join(o for o in r["all_overrides"].split()
-                          if not o.startswith(("seed=", "paths.", "hydra."))) or "(defaults)"
+                          if not o.startswith((*REPEATS, "paths.", "hydra."))) or "(defaults)"
         groups.setdefault(config, []).append(r)
     out = []
     for config, members in groups.items():
         minutes = [m["fit_minutes"] for m in members if m["fit_minutes"] is not None]
         row: dict[str, Any] = {
             "config": config, "runs": len(members), "params": members[0]["params"],
-            "seeds": " ".join(str(_seed_of(m["all_overrides"])) for m in members),
+            "repeats": ", ".join(_repeat_of(m["all_overrides"]) for m in members),
             "fit_minutes": statistics.fmean(minutes) if minutes else None}
         for key in ("test/acc", "test/ece"):
-            values = [m[key] for m in members if m[key] is not None]
-            row[f"{key}_mean"] = statistics.fmean(values) if values else None
-            row[f"{key}_min"] = min(values) if values else None
-            row[f"{key}_max"] = max(values) if values else None
+            stats = summary_statistics([m[key] for m in members if m[key] is not None])
+            row.update({f"{key}_{name}": value for name, value in stats.items()})
         out.append(row)
     return out
 
 
 def markdown_table(groups: list[dict[str, Any]]) -> str:
-    """The per-configuration table as Markdown (what the README's comparison table is)."""
-    lines = ["| config | params | minutes | test accuracy: mean (min-max) | ECE: mean (min-max) | seeds |",
-             "|---|---:|---:|---|---|---|"]
+    """The per-configuration table as Markdown (what the README's comparison tables are):
+    mean ± standard deviation [95% confidence interval of the mean] over the repeats."""
+    lines = ["| config | params | minutes | test accuracy: mean ± sd [95% CI] | "
+             "ECE: mean ± sd [95% CI] | runs |", "|---|---:|---:|---|---|---|"]
+
+    def fmt(g: dict[str, Any], key: str, scale: float, digits: int, unit: str) -> str:
+        if g[f"{key}_mean"] is None:
+            return "-"
+        text = f"{scale * g[f'{key}_mean']:.{digits}f}{unit}"
+        if g[f"{key}_std"] is not None:
+            text += (f" ± {scale * g[f'{key}_std']:.{digits}f} [{scale * g[f'{key}_ci95_low']:.{digits}f}"
+                     f"-{scale * g[f'{key}_ci95_high']:.{digits}f}]")
+        return text
+
     for g in groups:
-        acc = "-" if g["test/acc_mean"] is None else (
-            f"{100 * g['test/acc_mean']:.1f}% ({100 * g['test/acc_min']:.1f}-{100 * g['test/acc_max']:.1f})")
-        ece = "-" if g["test/ece_mean"] is None else (
-            f"{g['test/ece_mean']:.3f} ({g['test/ece_min']:.3f}-{g['test/ece_max']:.3f})")
         params = f"{g['params']:,}" if g["params"] is not None else "-"
         minutes = f"{g['fit_minutes']:.1f}" if g["fit_minutes"] is not None else "-"
-        lines.append(f"| {g['config']} | {params} | {minutes} | {acc} | {ece} | {g['seeds']} |")
+        lines.append(f"| {g['config']} | {params} | {minutes} | {fmt(g, 'test/acc', 100, 1, '%')} | "
+                     f"{fmt(g, 'test/ece', 1, 3, '')} | {g['runs']} ({g['repeats']}) |")
     return "\n".join(lines)
 
 
@@ -150,5 +177,5 @@ class SweepSummary(Callback):
         rows, groups = write_summary(sweep_dir)
         print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{format_table(rows)}", flush=True)
         if any(g["runs"] > 1 for g in groups):
-            print(f"\nover seeds ({sweep_dir / 'summary_by_config.csv'}):\n"
+            print(f"\nover repeats ({sweep_dir / 'summary_by_config.csv'}):\n"
                   f"{markdown_table(groups)}", flush=True)

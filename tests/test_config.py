@@ -30,7 +30,9 @@ def test_every_option_of_every_group_composes_and_instantiates(
         group: str, make_cfg: Callable[..., DictConfig]) -> None:
     assert options(group), f"conf/{group} is empty"
     for option in options(group):
-        extra = ["data.source.path=mine.h5"] if (group, option) == ("data", "hdf5") else []
+        extra = {("data", "hdf5"): ["data.source.path=mine.h5"],
+                 ("data", "catalog"): ["data.source.catalog=mine.csv", "data.source.image_columns=[f]",
+                                       "data.source.label_column=y"]}.get((group, option), [])
         cfg = make_cfg(f"{group}={option}", *extra, tiny=False)
         validate_config(cfg)
         node = cfg[group]

@@ -99,24 +99,32 @@ def test_seed_sweep_from_any_directory_gives_the_comparison_table(tmp_path: Path
         assert g["config"].endswith(f"{width} logger=none") and g["config"].startswith("data=synthetic")
         assert "seed=" not in g["config"] and "paths." not in g["config"]
         accs = [float(j["test/acc"]) for j in jobs if j["overrides"].startswith(width + " ")]
-        assert g["runs"] == "2" and g["seeds"] == "0 1" and len(accs) == 2
+        assert g["runs"] == "2" and g["repeats"] == "seed=0, seed=1" and len(accs) == 2
         assert float(g["test/acc_mean"]) == pytest.approx(sum(accs) / 2)
         assert float(g["test/acc_min"]) == min(accs) and int(g["params"]) > 0
     assert "model.width=2 logger=none |" in result.stdout
 
 
-def test_sweep_table_groups_seeds() -> None:
+def test_sweep_table_groups_seeds_and_folds() -> None:
     def row(job: int, overrides: str, acc: float, ece: float) -> dict:
         return {"job": str(job), "overrides": overrides, "all_overrides": overrides,
                 "status": "done", "test/acc": acc, "test/ece": ece, "params": 100,
                 "fit_minutes": 2.0, "val/acc_best": acc}
     rows = [row(0, "experiment=a seed=0 paths.data_dir=/d", 0.70, 0.02),
             row(1, "experiment=a seed=1 paths.data_dir=/d", 0.74, 0.04),
-            row(2, "experiment=b seed=0 paths.data_dir=/d", 0.90, 0.01),
-            row(3, "experiment=b seed=1 paths.data_dir=/d", 0.92, 0.03)]
+            row(2, "experiment=b data.fold=0 paths.data_dir=/d", 0.90, 0.01),
+            row(3, "experiment=b data.fold=1 paths.data_dir=/d", 0.92, 0.03),
+            row(4, "experiment=b data.fold=2 paths.data_dir=/d", 0.94, 0.02)]
     groups = group_by_config(rows)
     assert [g["config"] for g in groups] == ["experiment=a", "experiment=b"]
-    assert groups[0]["test/acc_mean"] == pytest.approx(0.72) and groups[0]["seeds"] == "0 1"
-    assert (groups[1]["test/acc_min"], groups[1]["test/acc_max"]) == (0.90, 0.92)
+    a, b = groups
+    assert a["test/acc_mean"] == pytest.approx(0.72) and a["repeats"] == "seed=0, seed=1"
+    assert (b["test/acc_min"], b["test/acc_max"]) == (0.90, 0.94)
+    assert b["repeats"] == "data.fold=0, data.fold=1, data.fold=2"
+    # sample standard deviation and Student's t interval (t_0.975 with 2 d.o.f. = 4.303)
+    assert b["test/acc_std"] == pytest.approx(0.02)
+    assert (b["test/acc_ci95_low"], b["test/acc_ci95_high"]) == pytest.approx(
+        (0.92 - 4.303 * 0.02 / 3 ** 0.5, 0.92 + 4.303 * 0.02 / 3 ** 0.5))
     table = markdown_table(groups)
-    assert "| experiment=a | 100 | 2.0 | 72.0% (70.0-74.0) | 0.030 (0.020-0.040) | 0 1 |" in table
+    assert "| experiment=a | 100 | 2.0 | 72.0% ± 2.8 [46.6-97.4] | 0.030 ± 0.014 [-0.097-0.157] |" in table
+    assert "| experiment=b | 100 | 2.0 | 92.0% ± 2.0 [87.0-97.0] |" in table

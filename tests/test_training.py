@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -356,3 +357,165 @@ def test_ddp_with_two_cpu_processes(tmp_path: Path, data_dir: Path) -> None:
     assert cm.sum() == 70  # every test image counted once across the two processes
     assert metrics["test/acc"] == pytest.approx(np.trace(cm) / 70)
     assert set(metrics) >= {"test/acc", "test/acc_class/merging", "val/acc_best", "history"}
+
+
+# -- small real data sets: BatchNorm statistics, weight averaging, calibration, folds -----------
+def test_batchnorm_statistics_match_the_weights_they_are_computed_for(
+        make_cfg: Callable[..., DictConfig]) -> None:
+    from galaxy_lightning.callbacks import BatchNormStatistics
+
+    cfg = make_cfg("model=bn_cnn", "logger=none", "test=false")
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    callback = BatchNormStatistics(images=100, batch_size=32)
+    trainer.callbacks.append(callback)
+    callback.on_validation_epoch_start(trainer, module)
+    bns = [m for m in module.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # the running statistics are now the plain mean over those 100 images' batches ...
+    train = datamodule.split("train")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:100]
+    x = datamodule.preprocess(train.images[order])
+    seen: list[torch.Tensor] = []
+    hook = bns[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    module.eval()
+    with torch.no_grad():
+        module.net(x)
+    hook.remove()
+    batch_means = [x_.mean((0, 2, 3)) for x_ in seen[0].split(32)]
+    expected = torch.stack(batch_means).mean(0)
+    assert torch.allclose(bns[0].running_mean, expected, atol=1e-5)
+    # ... and the same whenever they are recomputed (deterministic)
+    before = [b.running_var.clone() for b in bns]
+    callback.on_validation_epoch_start(trainer, module)
+    assert all(torch.equal(a, b.running_var) for a, b in zip(before, bns))
+    assert module.training is False  # the mode it was in is restored
+
+
+def test_weight_averaging_is_what_is_validated_checkpointed_and_tested(
+        make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("model=bn_cnn", "callbacks=[default,ema]", "callbacks.ema.decay=0.5",
+                   "callbacks.ema.update_starting_at_step=0", "callbacks.bn_statistics.images=64",
+                   "logger=none")
+    metrics = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    best = json.loads((run / "metrics.json").read_text())
+    checkpoint = torch.load(best["checkpoint"], weights_only=True)
+    averaged, online = checkpoint["state_dict"], checkpoint["current_model_state"]
+    name = "net.head.3.weight"
+    assert not torch.equal(averaged[name], online[name])  # two sets of weights were kept
+    # the test evaluated the averaged weights: re-evaluating them reproduces the test accuracy
+    from galaxy_lightning.evaluate import evaluate
+
+    results = evaluate(best["checkpoint"], run / "eval")
+    assert results["test/acc"] == pytest.approx(metrics["test/acc"])
+    module = load_classifier(best["checkpoint"])
+    assert torch.equal(module.state_dict()[name], averaged[name])
+
+
+class _OverConfident(torch.nn.Module):
+    """Logits of a fixed linear model, multiplied by 8: right ~70% of the time, sure every time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 8 * self.linear(x)
+
+
+def test_temperature_scaling_lowers_the_nll_of_an_overconfident_model_on_held_out_data() -> None:
+    from galaxy_lightning.calibration import fit_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    model = _OverConfident()
+    torch.nn.init.normal_(model.linear.weight, generator=gen)
+
+    def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 2, generator=gen)
+        p = torch.softmax(model.linear(x).detach(), 1)  # labels drawn from the unscaled model
+        return x, torch.multinomial(p, 1, generator=gen).flatten()
+
+    (x_val, y_val), (x_test, y_test) = data(2000), data(2000)
+    with torch.no_grad():
+        t = fit_temperature(model(x_val)[None], y_val)
+        logits = model(x_test)
+    assert 6 < t < 10  # it undoes the factor of 8
+    before = F.cross_entropy(logits, y_test).item()
+    after = F.cross_entropy(logits / t, y_test).item()
+    assert after < 0.8 * before
+    assert torch.equal((logits / t).argmax(1), logits.argmax(1))  # no prediction changes
+    ece = [multiclass_calibration_error(torch.softmax(z, 1), y_test, 3, n_bins=15).item()
+           for z in (logits, logits / t)]
+    assert ece[1] < ece[0] / 2
+
+
+def test_a_calibrated_run_stores_its_temperature_and_evaluation_uses_it(
+        make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    cfg = make_cfg("calibrate=true", "tta=true")
+    metrics = train(cfg)
+    out = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    t = out["test/temperature"]
+    assert out["calibrated"] is True and t != 1.0 and "test/ece_uncalibrated" in out
+    module = load_classifier(out["checkpoint"])
+    assert module.calibrated and module.tta and module.temperature.item() == pytest.approx(t)
+    from galaxy_lightning.evaluate import evaluate
+
+    again = evaluate(out["checkpoint"], tmp_path / "eval")
+    assert again["test/ece"] == pytest.approx(metrics["test/ece"], abs=1e-6)
+    assert again["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+
+
+def test_soft_targets_train_against_the_fractions(tmp_path: Path) -> None:
+    from galaxy_lightning.data.datamodule import GalaxyDataModule
+    from galaxy_lightning.data.prepared import read_prepared, write_prepared
+    from galaxy_lightning.data.synthetic import SyntheticGalaxies
+    from galaxy_lightning.evaluate import PreparedFile
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=gen)
+    targets = torch.softmax(torch.randn(6, 3, generator=gen), 1)
+    expected = -(targets * F.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.allclose(GalaxyClassifier.risk(logits, targets), expected, atol=1e-6)
+    # a prepared file with vote-like fractions, trained with soft_targets=true
+    plain = SyntheticGalaxies(n_per_class=20, image_size=32).prepare(tmp_path, progress=False)
+    source = read_prepared(plain)
+    fractions = np.full((len(source.labels), 7), 0.1 / 6, np.float32)
+    fractions[np.arange(len(source.labels)), source.labels] = 0.9
+    path = write_prepared(tmp_path / "soft.h5", source.images, source.labels, source.info.spec,
+                          {"source": "soft"}, targets=fractions)
+    datamodule = GalaxyDataModule(PreparedFile(str(path)), batch_size=40, eval_batch_size=20,
+                                  splits=[100, 20, 20], soft_targets=True)
+    datamodule.prepare_data()
+    images, labels, soft = next(iter(datamodule.train_dataloader()))
+    assert soft.shape == (40, 7) and torch.allclose(soft.sum(1), torch.ones(40))
+    assert torch.equal(soft.argmax(1), labels)
+    assert len(next(iter(datamodule.val_dataloader()))) == 2  # evaluation: against the labels
+    module = GalaxyClassifier({"_target_": "galaxy_lightning.models.TutorialCNN"},
+                              source.info.spec.to_dict(), {"_target_": "torch.optim.Adam", "lr": 1e-2})
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 5 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    with pytest.raises(ConfigError, match="soft_targets=true but .* has no soft targets"):
+        GalaxyDataModule(PreparedFile(str(plain)), splits=[100, 20, 20], soft_targets=True).prepare_data()
+
+
+def test_cross_validation_folds_are_disjoint_stratified_and_cover_the_pool() -> None:
+    from galaxy_lightning.data.datamodule import split_indices
+
+    labels = np.repeat(np.arange(4), [60, 30, 15, 15])
+    folds = [split_indices(labels, None, [90, 15, 15], 0, Path("f.h5"), folds=5, fold=i)
+             for i in range(5)]
+    test = folds[0]["test"]
+    assert all(torch.equal(f["test"], test) for f in folds)  # the test split stays fixed
+    pool = set(torch.cat([folds[0]["train"], folds[0]["val"]]).tolist())
+    vals = [set(f["val"].tolist()) for f in folds]
+    assert set().union(*vals) == pool and sum(map(len, vals)) == len(pool) == 105  # disjoint, cover
+    assert not pool & set(test.tolist())
+    for f, v in zip(folds, vals):
+        assert set(f["train"].tolist()) == pool - v
+        counts = np.bincount(labels[sorted(v)], minlength=4)
+        pool_counts = np.bincount(labels[sorted(pool)], minlength=4)
+        assert (np.abs(counts - pool_counts / 5) <= 1).all()  # each class in proportion
+    with pytest.raises(ConfigError, match="fewer than the folds"):
+        split_indices(labels, None, [90, 15, 15], 0, Path("f.h5"), folds=20, fold=0)

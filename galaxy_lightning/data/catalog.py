@@ -38,8 +38,8 @@ from galaxy_lightning.data.images import (
     read_flux,
     read_images,
 )
-from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, provenance_matches
-from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.data.prepared import PreparedWriter, announce, provenance_matches
+from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.input_spec import InputSpec
 
 PREPARATION_VERSION = 1
@@ -48,7 +48,6 @@ SPLIT_VALUES = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1
                 "testing": 2, "0": 0, "1": 1, "2": 2}
 #: How far the vote fractions of one question may sum from 1 before the row is refused.
 VOTE_SUM_TOLERANCE = 0.02
-log = logging.getLogger(__name__)
 
 
 def read_table(path: Path) -> Any:
@@ -66,6 +65,12 @@ def read_table(path: Path) -> Any:
         raise DataError(f"{path}: catalog not found; set catalog to your table (absolute, or "
                         "relative to the data directory)")
     try:
+        if fmt == "parquet":  # pyarrow directly: astropy's reader needs pandas as well
+            import pyarrow.parquet as pq
+
+            arrow = pq.read_table(path)
+            return Table({name: arrow.column(name).to_numpy(zero_copy_only=False)
+                          for name in arrow.column_names})
         return Table.read(path, format=fmt)
     except (OSError, ValueError, TypeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -127,6 +132,43 @@ def labels_from_votes(table: Any, path: Path, question: str, answers: Sequence[s
                "below_min_votes": int((voted & (total < min_votes)).sum()),
                "below_min_fraction": int((voted & (total >= min_votes) & (top < min_fraction)).sum())}
     return labels, answers, fractions.astype(np.float32), dropped
+
+
+def resolve_image_paths(table: Any, path: Path, roots: Sequence[Path], image_columns: Sequence[str],
+                        match: str, rows: np.ndarray) -> tuple[list[tuple[Path, ...] | None], list[str]]:
+    """The image files of each row (one per entry of ``image_columns``; None where a file is
+    missing) and the names that did not resolve. An entry is a column of paths or a pattern of
+    columns (``"{iauname}.png"``); ``match`` is ``"path"`` (relative to the roots, tried in order)
+    or ``"name"`` (the file's name anywhere below the roots)."""
+    per_band = []
+    for entry in image_columns:
+        if "{" in entry:
+            keys = re.findall(r"{([^}:!]+)", entry)
+            cols = {k: _as_str(_column(table, k, "image_columns", path))[rows] for k in keys}
+            per_band.append([entry.format(**{k: cols[k][i] for k in keys})
+                             for i in range(len(rows))])
+        else:
+            per_band.append(list(_as_str(_column(table, entry, "image_columns", path))[rows]))
+    by_name: dict[str, Path] = {}
+    if match == "name":
+        for root in roots:
+            for file in sorted(Path(root).rglob("*")):
+                if file.is_file():
+                    by_name.setdefault(file.name, file)
+    resolved: list[tuple[Path, ...] | None] = []
+    missing: list[str] = []
+    for i in range(len(rows)):
+        files = []
+        for band in per_band:
+            name = band[i].strip()
+            found = by_name.get(Path(name).name) if match == "name" else next(
+                (Path(r) / name for r in roots if name and (Path(r) / name).is_file()), None)
+            if found is None:
+                missing.append(name or f"(empty in row {rows[i]})")
+                break
+            files.append(found)
+        resolved.append(tuple(files) if len(files) == len(per_band) else None)
+    return resolved, missing
 
 
 class CatalogSource:
@@ -341,36 +383,7 @@ class CatalogSource:
 
     def _image_paths(self, table: Any, path: Path, roots: list[Path], rows: np.ndarray
                      ) -> tuple[list[tuple[Path, ...] | None], list[str]]:
-        """Resolved paths per row (None where a file is missing), and the unresolved names."""
-        per_band = []
-        for entry in self.image_columns:
-            if "{" in entry:
-                keys = re.findall(r"{([^}:!]+)", entry)
-                cols = {k: _as_str(_column(table, k, "image_columns", path))[rows] for k in keys}
-                per_band.append([entry.format(**{k: cols[k][i] for k in keys})
-                                 for i in range(len(rows))])
-            else:
-                per_band.append(list(_as_str(_column(table, entry, "image_columns", path))[rows]))
-        by_name: dict[str, Path] = {}
-        if self.match == "name":
-            for root in roots:
-                for file in sorted(root.rglob("*")):
-                    if file.is_file():
-                        by_name.setdefault(file.name, file)
-        resolved: list[tuple[Path, ...] | None] = []
-        missing: list[str] = []
-        for i in range(len(rows)):
-            files = []
-            for band in per_band:
-                name = band[i].strip()
-                found = by_name.get(Path(name).name) if self.match == "name" else next(
-                    (r / name for r in roots if name and (r / name).is_file()), None)
-                if found is None:
-                    missing.append(name or f"(empty in row {rows[i]})")
-                    break
-                files.append(found)
-            resolved.append(tuple(files) if len(files) == len(per_band) else None)
-        return resolved, missing
+        return resolve_image_paths(table, path, roots, self.image_columns, self.match, rows)
 
     def _reader(self, paths: list[tuple[Path, ...]], catalog: Path) -> ImageReader:
         """The image reader, with fixed stretch limits estimated now if asked for."""
@@ -448,12 +461,11 @@ class CatalogSource:
             min(os.cpu_count() or 1, 8) if len(jobs) >= 256 else 0)
         unreadable: list[str] = []
         written_labels: list[np.ndarray] = []
+        notes = [f"{k.replace('_', ' ')} {v}" for k, v in dropped.items() if v]
+        notes += [f"missing files {len(missing)}"] if missing else []
         message = (f"preparing {target.name} from {catalog.name}: {len(jobs)} images of "
-                   f"{n_rows} rows ({', '.join(f'{k} {v}' for k, v in dropped.items() if v)}"
-                   f"{', missing files ' + str(len(missing)) if missing else ''})")
-        log.info(message)
-        if progress:
-            print(message, flush=True)
+                   f"{n_rows} rows" + (f" (dropped: {', '.join(notes)})" if notes else ""))
+        announce(message, progress)
         provenance = {**expected, "class_names": names}
         with PreparedWriter(target, len(jobs), spec, provenance, tuple(columns), at_most=True) as writer, \
                 tqdm(total=len(jobs), unit="img", desc=f"preparing {target.name}",
@@ -471,10 +483,10 @@ class CatalogSource:
 
             for index, result in read_images(reader, jobs, workers):
                 bar.update(1)
-                if isinstance(result, str):
+                if isinstance(result, Exception):
                     if self.on_error == "error":
                         raise DataError(f"{result}; fix or remove the file, or set on_error=skip")
-                    unreadable.append(result)
+                    unreadable.append(str(result))
                     continue
                 block.append((index, result))
                 if len(block) >= 256:
@@ -495,9 +507,7 @@ class CatalogSource:
             if items:
                 note = (f"{target.name}: skipped {len(items)} {what} image(s), e.g. "
                         f"{'; '.join(items[:3])}")
-                log.warning(note)
-                if progress:
-                    print(note, flush=True)
+                announce(note, progress, logging.WARNING)
 
     def _first_image(self, reader: ImageReader, jobs: list[tuple[int, tuple[Path, ...]]]
                      ) -> np.ndarray:
@@ -505,7 +515,7 @@ class CatalogSource:
         for _, files in jobs[:20]:
             try:
                 return reader(files)
-            except DataError as err:
+            except GalaxyError as err:
                 errors.append(str(err))
         raise DataError(f"none of the first {len(errors)} images could be read: {errors[0]}")
 
@@ -524,7 +534,7 @@ class CatalogSource:
             for files in paths[1:50]:
                 try:
                     shape = reader(files).shape
-                except DataError:
+                except GalaxyError:
                     continue
                 if shape[:2] != (h, w):
                     raise ConfigError(f"images differ in size ({paths[0][0].name} is {h}x{w}, "

@@ -18,19 +18,17 @@ The source file is only ever opened read-only.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, provenance_matches
+from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, announce, provenance_matches
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.input_spec import InputSpec
 
 PREPARATION_VERSION = 1
-log = logging.getLogger(__name__)
 
 
 def _decode_split(values: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -60,7 +58,9 @@ class HDF5Source:
     i.e. taken to lie in [0, 1]). ``class_names`` lists a name for every label value; without it
     the file's ``class_names`` attribute is used, then the label numbers. ``classes`` keeps and
     relabels a subset of label values (in that order). ``split_key`` names an array of
-    'train'/'val'/'test' (or 0/1/2) that fixes the split instead of ``data.splits``.
+    'train'/'val'/'test' (or 0/1/2) that fixes the split instead of ``data.splits``. ``ra`` and
+    ``dec`` arrays (degrees) and an ``id_key`` array, when present, are carried into the prepared
+    file, so that predictions and the gallery of mistakes can name the objects.
     """
 
     def __init__(self, path: str, images_key: str = "images", labels_key: str = "labels",
@@ -68,10 +68,13 @@ class HDF5Source:
                  n_per_class: int | None = None, crop: int | None = None,
                  resize: int | None = None, split_key: str | None = None,
                  dedupe_keys: list[str] | None = None, seed: int = 0,
-                 float_scale: float = 255.0, prepared_name: str | None = None) -> None:
+                 float_scale: float = 255.0, prepared_name: str | None = None,
+                 display: str | None = None, id_key: str | None = None) -> None:
         for name, value in (("n_per_class", n_per_class), ("crop", crop), ("resize", resize)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name}={value} must be a positive integer or null")
+        if display not in (None, "linear", "asinh"):
+            raise ConfigError(f"display={display!r} must be null, 'linear' or 'asinh'")
         if split_key is not None and n_per_class is not None:
             raise ConfigError("n_per_class cannot be combined with split_key (the file fixes the "
                               "split); set one of them to null")
@@ -88,6 +91,8 @@ class HDF5Source:
         self.seed = seed
         self.float_scale = float_scale
         self.prepared_name = prepared_name
+        self.display = display
+        self.id_key = id_key
 
     # -- what subclasses change ----------------------------------------------------------------
     def source_file(self, data_dir: Path, progress: bool = True) -> Path:
@@ -111,7 +116,8 @@ class HDF5Source:
                 "class_names": self.class_names, "classes": self.classes,
                 "n_per_class": self.n_per_class, "crop": self.crop, "resize": self.resize,
                 "split_key": self.split_key, "dedupe_keys": self.dedupe_keys, "seed": self.seed,
-                "float_scale": self.float_scale, "version": PREPARATION_VERSION}
+                "float_scale": self.float_scale, "display": self.display, "id_key": self.id_key,
+                "version": PREPARATION_VERSION}
 
     def prepared_path(self, data_dir: Path) -> Path:
         return Path(data_dir) / (self.prepared_name or f"{Path(self.path).stem}.prepared.h5")
@@ -153,17 +159,23 @@ class HDF5Source:
             out_side = self.resize or side
             chosen_names = [names[c] for c in (self.classes or range(len(names)))]
             spec = InputSpec(class_names=tuple(chosen_names), channels=channels,
-                             image_size=out_side, crop=self.crop, resize=self.resize)
+                             image_size=out_side, crop=self.crop, resize=self.resize,
+                             display={"stretch": self.display} if self.display else None)
             message = (f"preparing {target.name} from {source.name}: {n} images of "
                        f"{stats['source_rows']}, {stats['duplicates_dropped']} repeated positions "
                        f"dropped, per class {stats['kept_per_class']}")
-            log.info(message)
-            if progress:
-                print(message, flush=True)
+            announce(message, progress)
             provenance = {**expected, "counts": stats, "class_names": chosen_names}
             block = max(1, (images.chunks or (64,))[0])
             block *= max(1, 128 // block)
-            columns = ("source_index",) + (("split",) if split is not None else ())
+            # the objects' identity, when the source has it, for outputs that name objects
+            identity = {name: np.asarray(f[key][...])[rows] for name, key in
+                        (("id", self.id_key), ("ra", "ra"), ("dec", "dec"))
+                        if key is not None and key in f and f[key].shape == (len(labels),)}
+            if "id" in identity:
+                identity["id"] = np.array([v.decode() if isinstance(v, bytes) else str(v)
+                                           for v in identity["id"]])
+            columns = ("source_index",) + (("split",) if split is not None else ()) + tuple(identity)
             with PreparedWriter(target, n, spec, provenance, columns) as writer, \
                     tqdm(total=n, unit="img", desc=f"preparing {target.name}",
                          disable=not progress) as bar:
@@ -182,7 +194,8 @@ class HDF5Source:
                     pixels = spec.conform(pixels)  # the source crop, then the resize
                     writer.write(np.ascontiguousarray(pixels), new_labels[lo:hi],
                                  source_index=rows[lo:hi],
-                                 split=split[lo:hi] if split is not None else None)
+                                 split=split[lo:hi] if split is not None else None,
+                                 **{k: v[lo:hi] for k, v in identity.items()})
                     bar.update(hi - lo)
 
     def _check(self, source: Path, f: h5py.File) -> tuple[h5py.Dataset, np.ndarray, list[str]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fz")
@@ -212,7 +212,8 @@ class ImageReader:
     :func:`read_images` can run it in worker processes."""
 
     def __init__(self, channels: int | None = None, hdu: int | str = 0, nan: str = "median",
-                 stretch: Mapping[str, Any] | None = None, spec: Any = None) -> None:
+                 stretch: Mapping[str, Any] | None = None, spec: Any = None,
+                 allow_resize: bool = False) -> None:
         if nan not in NAN_POLICIES:
             raise ConfigError(f"nan={nan!r} must be one of {list(NAN_POLICIES)}")
         self.channels = channels
@@ -220,26 +221,29 @@ class ImageReader:
         self.nan = nan
         self.stretch = check_stretch(stretch or {})
         self.spec = spec  # InputSpec, or None for the raw size
+        self.allow_resize = allow_resize
 
     def __call__(self, paths: Sequence[Path]) -> np.ndarray:
+        """The model-ready image; :class:`DataError` (unreadable) or, when the size does not fit
+        the input spec, its ``SizeMismatch``, each naming the file."""
         image = read_image(paths, channels=self.channels, hdu=self.hdu, nan=self.nan,
                            stretch=self.stretch)
         if self.spec is None:
             return image
         try:
-            return self.spec.conform(image[None])[0]
+            return self.spec.conform(image[None], self.allow_resize)[0]
         except ConfigError as err:
-            raise DataError(f"{paths[0]}: {err}") from None
+            raise type(err)(f"{paths[0]}: {err}") from None
 
 
 def _read_chunk(reader: ImageReader, chunk: list[tuple[int, Sequence[Path]]]
-                ) -> list[tuple[int, np.ndarray | str]]:
-    out: list[tuple[int, np.ndarray | str]] = []
+                ) -> list[tuple[int, np.ndarray | GalaxyError]]:
+    out: list[tuple[int, np.ndarray | GalaxyError]] = []
     for index, paths in chunk:
         try:
             out.append((index, reader(paths)))
-        except DataError as err:
-            out.append((index, str(err)))
+        except GalaxyError as err:
+            out.append((index, err))
     return out
 
 
@@ -251,7 +255,7 @@ def _init_worker() -> None:
 
 def read_images(reader: ImageReader, jobs: Sequence[tuple[int, Sequence[Path]]], workers: int = 0,
                 chunk: int = 64) -> Any:
-    """Yield ``(index, uint8 image or the reason it is unreadable)`` for every job, in order.
+    """Yield ``(index, uint8 image or the error that made it unusable)`` for every job, in order.
 
     With ``workers`` > 1, chunks of jobs are read in that many processes, at most two chunks per
     process in flight, so memory stays bounded however long the list is.
@@ -264,8 +268,11 @@ def read_images(reader: ImageReader, jobs: Sequence[tuple[int, Sequence[Path]]],
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: the parent has torch's thread pools running, which fork does not survive
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+    # fork where there is one (as torch's DataLoader workers do: one thread per worker, set by
+    # the initializer, so the parent's thread pools are never used in the child); spawning would
+    # import torch again in every worker, seconds each
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                              initializer=_init_worker) as pool:
         pending = [pool.submit(_read_chunk, reader, c) for c in chunks[:2 * workers]]
         next_chunk = len(pending)

@@ -22,6 +22,7 @@ complete, so a crash never leaves a half-written file that a later run could tak
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,14 @@ class PreparedWriter:
             self._tmp.unlink(missing_ok=True)
             return
         os.replace(self._tmp, self.path)
+
+
+def announce(message: str, progress: bool = True, level: int = logging.INFO) -> None:
+    """Tell the user what a data source is doing: through logging when the application set it up
+    (Hydra does, for every run), else on stdout when progress output is wanted."""
+    logging.getLogger("galaxy_lightning.data").log(level, message)
+    if progress and not logging.getLogger().handlers:
+        print(message, flush=True)
 
 
 def write_prepared(path: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray,
