@@ -266,6 +266,64 @@ class BatchNormStatistics(L.Callback):
         pl_module.train(was_training)
 
 
+class RandomStates(L.Callback):
+    """Saves the process's random states (torch, numpy, Python) in every checkpoint and restores
+    them on resume, so that dropout and everything else random continue exactly as in the run
+    that was interrupted. (The augmentation's own generator is the DataModule's state; the batch
+    order is a function of the seed and the epoch.) Stored as tensors and lists, which torch's
+    ``weights_only`` loading accepts."""
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, state, gauss = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                "python": [version, list(state), gauss]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import random
+
+        torch.set_rng_state(state_dict["torch"])
+        kind, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, state, gauss = state_dict["python"]
+        random.setstate((version, tuple(state), gauss))
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C (SIGINT) or a cluster's pre-emption (SIGTERM) during training: save ``last.ckpt``
+    at the current step, draw the accuracy curve so far, and say in one line how to resume.
+
+    Lightning turns both signals into an exception at the next batch and calls ``on_exception``
+    before it exits; the data loader's position, the random states and the metric counts are
+    in the checkpoint, so the resumed run continues exactly where this one stopped."""
+
+    def __init__(self, dirpath: str, resume_command: str = "galaxy-train") -> None:
+        self.dirpath = Path(dirpath)
+        self.resume_command = resume_command
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or \
+                trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self.saved = path
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunArtifacts):
+                callback.on_fit_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
+            print(f"\n{signal} at step {trainer.global_step}: saved {path}; resume with: "
+                  f"{self.resume_command} ckpt_path={path}", flush=True)
+
+
 class StepTimer(L.Callback):
     """Wall-clock timing of training steps, written to a JSON file at the end of training.
 

@@ -12,12 +12,14 @@ load. Resuming *training* from a format-1 checkpoint is refused: start a new run
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from galaxy_lightning.errors import CheckpointError
 from galaxy_lightning.input_spec import InputSpec
@@ -106,3 +108,73 @@ def refuse_resume_of_old_format(path: str | Path) -> None:
                               f"{checkpoint_format(checkpoint)}); it can be evaluated, exported, "
                               "predicted with and tested (train=false), but not resumed: start a "
                               "new run")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, flushed to disk, then renamed
+    over it: a kill during a save leaves the previous checkpoint intact, never a truncated one.
+    (Lightning's own writer assembles the file in the system's temporary folder and moves it, a
+    copy when that folder is on another file system.) A full or read-only disk is reported in
+    one line naming the folder."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write checkpoint {path} ({err.strerror or err}); free "
+                                  "space there or choose another paths.log_dir") from None
+
+
+def newest_readable(folder: Path, exclude: Path | None = None) -> Path | None:
+    """The most recently written checkpoint in ``folder`` that loads."""
+    for candidate in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if exclude is not None and candidate.resolve() == exclude.resolve():
+            continue
+        try:
+            read_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        return candidate
+    return None
+
+
+def find_last(log_dir: str | Path, task_name: str) -> Path:
+    """``ckpt_path=last``: the newest ``last.ckpt`` of this task's runs (and sweep jobs)."""
+    root = Path(log_dir) / task_name
+    found = sorted(list(root.glob("runs/*/checkpoints/last.ckpt"))
+                   + list(root.glob("multiruns/*/*/checkpoints/last.ckpt")),
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointError(f"ckpt_path=last: no last.ckpt under {root}; give the checkpoint's "
+                              "path, or start a new run")
+    return found[-1]
+
+
+def check_resume(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint a run resumes or tests, checked against the run's own model and data:
+    readable (else the newest readable checkpoint beside it is named), the current format, and
+    the same network (model config) for the same data (input spec)."""
+    path = Path(path)
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as err:
+        good = newest_readable(path.parent, exclude=path) if path.parent.is_dir() else None
+        hint = f"; the newest readable checkpoint there is {good}: ckpt_path={good}" if good else ""
+        raise CheckpointError(f"{err}{hint}") from None
+    saved = checkpoint["hyper_parameters"]
+    if checkpoint_format(checkpoint) >= CHECKPOINT_FORMAT:
+        for key, what in (("model", "model"), ("input_spec", "data (classes, channels, image size)")):
+            if saved.get(key) != hparams.get(key):
+                raise CheckpointError(f"{path} was trained with another {what}: {saved.get(key)} "
+                                      f"vs now {hparams.get(key)}; use the run's own config "
+                                      "(its .hydra/overrides.yaml), or start a new run")
+    return checkpoint

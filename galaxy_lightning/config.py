@@ -32,7 +32,7 @@ FILLED_IN = {
     "model": {"in_channels", "num_classes", "image_size"},
     "optimizer": {"params"},
     "scheduler": {"optimizer"},
-    "trainer": {"callbacks", "logger"},
+    "trainer": {"callbacks", "logger", "plugins"},
 }
 
 

@@ -53,10 +53,14 @@ def config_key(key: str) -> Iterator[None]:
 
 def cli_boundary(main: Callable[P, R]) -> Callable[P, R]:
     """Decorate an entry point: a :class:`GalaxyError` becomes ``error: <message>`` on stderr and
-    exit status 2; every other exception propagates unchanged."""
+    exit status 2; every other exception propagates unchanged. Third-party banners and known
+    dependency warnings are hidden (:mod:`galaxy_lightning.console`)."""
 
     @wraps(main)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from galaxy_lightning.console import quiet_third_party
+
+        quiet_third_party()
         try:
             return main(*args, **kwargs)
         except GalaxyError as err:

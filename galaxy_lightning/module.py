@@ -123,6 +123,7 @@ class GalaxyClassifier(L.LightningModule):
         self.preprocess = Preprocess(self.spec)
         self.class_names = list(self.spec.class_names)
         self.train_acc = MulticlassAccuracy(self.spec.num_classes, average="micro")
+        self.train_acc.persistent(True)  # a run stopped between validations resumes its count
         metrics = evaluation_metrics(self.class_names)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")

@@ -22,7 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from galaxy_lightning import perf
 from galaxy_lightning.calibration import calibrate, store_in_checkpoint
-from galaxy_lightning.checkpoints import refuse_resume_of_old_format
+from galaxy_lightning.callbacks import GracefulStop
+from galaxy_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    check_resume,
+    find_last,
+    refuse_resume_of_old_format,
+)
 from galaxy_lightning.config import CONFIG_PACKAGE, construct, validate_config
 from galaxy_lightning.data.datamodule import GalaxyDataModule
 from galaxy_lightning.errors import ConfigError, cli_boundary, config_key
@@ -61,7 +67,7 @@ def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Traine
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     try:
         trainer: L.Trainer = construct(cfg.trainer, "trainer", callbacks=callbacks,
-                                       logger=loggers or False)
+                                       logger=loggers or False, plugins=[AtomicCheckpointIO()])
     except (MisconfigurationException, ValueError) as err:  # Lightning's checks of its settings
         if isinstance(err, ConfigError):
             raise
@@ -113,20 +119,61 @@ def calibrate_checkpoint(trainer: L.Trainer, module: GalaxyClassifier,
     return temperature
 
 
+def resolve_checkpoint(cfg: DictConfig) -> str | None:
+    """``ckpt_path``, with ``last`` meaning the newest last.ckpt of this task's runs."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last":
+        ckpt_path = str(find_last(cfg.paths.log_dir, cfg.task_name))
+        log.info("ckpt_path=last: %s", ckpt_path)
+    return ckpt_path
+
+
+def run_command() -> str:
+    """The command line of this run without its ``ckpt_path``: what resumes it, given one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+    except ValueError:  # not started by Hydra (a test or a Python caller)
+        overrides = []
+    return " ".join(["galaxy-train", *overrides])
+
+
+def prepare_output_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
+    """The run directory with the resolved config (and what the run resumes from)."""
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(resolved, dict)
+        resolved.pop("hydra", None)
+        resolved["ckpt_path"] = ckpt_path
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        if ckpt_path and cfg.get("train", True):
+            (output_dir / "resumed_from.txt").write_text(f"{Path(ckpt_path).resolve()}\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write the run directory {output_dir} ({err.strerror or err}); "
+                          "choose a writable paths.log_dir with free space") from None
+    return output_dir
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run the experiment described by ``cfg``; return the final metrics (floats by name)."""
     validate_config(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(
-        OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"}, resolve=True))
+    ckpt_path = resolve_checkpoint(cfg)
+    output_dir = prepare_output_dir(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     perf.apply(cfg.perf.get("tune_malloc", True), cfg.perf.get("threads"),
                cfg.perf.get("matmul_precision"))
-    if cfg.get("train", True) and cfg.get("ckpt_path"):
-        refuse_resume_of_old_format(cfg.ckpt_path)
+    if cfg.get("train", True) and ckpt_path:
+        refuse_resume_of_old_format(ckpt_path)
 
     datamodule, module, trainer = build(cfg)
+    if ckpt_path:  # the same network for the same data, or a one-line refusal
+        check_resume(ckpt_path, dict(module.hparams))
+    for callback in trainer.callbacks:
+        if isinstance(callback, GracefulStop):
+            callback.resume_command = run_command()
     log.info("torch %s, %d threads, precision %s, compile %s", torch.__version__,
              torch.get_num_threads(), cfg.trainer.get("precision"), bool(cfg.perf.compile))
     info = datamodule.info
@@ -135,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
              info.path, info.num_images, info.height, info.width, info.channels, info.num_classes)
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _scalars(trainer)
 
     if cfg.get("test", True):
@@ -144,7 +191,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if weights is None:
                 log.warning("no best checkpoint was saved; testing the weights of the last step")
         else:  # test only: the given checkpoint (validate_config made sure there is one)
-            weights = cfg.get("ckpt_path")
+            weights = ckpt_path
         # The tested weights are loaded here rather than by trainer.test(ckpt_path=...): after a
         # fit with weight averaging, Lightning's EMA callback would restore the online weights
         # (its `current_model_state`) instead of the averaged ones the checkpoint was chosen for.
@@ -166,8 +213,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     """``galaxy-train [group=option ...] [key=value ...]``: one run, or a sweep with ``-m``.
 
-    Returns the metric named by ``optimized_metric``, which Hydra sweepers optimise."""
-    metrics = train(cfg)
+    Returns the metric named by ``optimized_metric``, which Hydra sweepers optimise. A run stopped
+    by SIGTERM (after saving, see ``GracefulStop``) exits with 143, as a killed process would."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        metrics = train(cfg)
+    except SIGTERMException:
+        raise SystemExit(128 + 15) from None
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 

@@ -41,7 +41,9 @@ def decals(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, bytes]
 
 
 def leftovers(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir() if p.name.endswith((".part", ".tmp")) or p.name.startswith("."))
+    """Partial or temporary files (the empty .lock files that serialise preparations are not)."""
+    return sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock")
+                  and (p.name.endswith((".part", ".tmp")) or p.name.startswith(".")))
 
 
 # -- download ------------------------------------------------------------------------------------
@@ -86,7 +88,7 @@ def test_checksum_mismatch_leaves_nothing_behind(tmp_path: Path, http_server: Fi
     with pytest.raises(DataError, match="SHA256 mismatch") as err:
         download([http_server.url("/g.h5")], tmp_path / "g.h5", "0" * 64, progress=False)
     assert "download it by hand" in str(err.value) and str(tmp_path / "g.h5") in str(err.value)
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == [] and not (tmp_path / "g.h5").exists()
 
 
 def test_404_falls_back_to_the_mirror_and_reports_when_all_fail(tmp_path: Path,
@@ -251,7 +253,8 @@ def test_bad_user_files_are_refused_cleanly(tmp_path: Path, overrides: dict, kwa
     with pytest.raises(GalaxyError) as err:
         HDF5Source(**args).prepare(tmp_path, progress=False)
     assert message in str(err.value) and "\n" not in str(err.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.h5"]  # nothing half-written
+    # nothing half-written (only the empty lock file that serialises preparations)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["mine.h5"]
     assert (tmp_path / "mine.h5").read_bytes() == before
 
 

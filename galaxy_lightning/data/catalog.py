@@ -38,7 +38,7 @@ from galaxy_lightning.data.images import (
     read_flux,
     read_images,
 )
-from galaxy_lightning.data.prepared import PreparedWriter, announce, provenance_matches
+from galaxy_lightning.data.prepared import PreparedWriter, announce, file_lock, provenance_matches
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.input_spec import InputSpec
 
@@ -297,7 +297,10 @@ class CatalogSource:
         target = self.prepared_path(data_dir)
         if provenance_matches(target, expected):
             return target
-        self._convert(catalog, [r for r in roots if r is not None], target, expected, progress)
+        with file_lock(target):  # another process may be preparing the same file right now
+            if not provenance_matches(target, expected):
+                self._convert(catalog, [r for r in roots if r is not None], target, expected,
+                              progress)
         return target
 
     # -- the steps ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ format (see :mod:`galaxy_lightning.data.prepared`); everything after that is sha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +25,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from galaxy_lightning.data.augment import Augmentation
-from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedInfo, read_info, read_prepared
+from galaxy_lightning.data.prepared import (
+    SPLIT_NAMES,
+    PreparedInfo,
+    read_info,
+    read_labels,
+    read_prepared,
+)
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.input_spec import InputSpec, Preprocess
 
@@ -39,7 +45,11 @@ class DataSource(Protocol):
 
 
 class EpochBatchSampler:
-    """Yields index tensors of whole batches; the order is a function of (seed, epoch) only."""
+    """Yields index tensors of whole batches; the order is a function of (seed, epoch) only.
+
+    ``resume_at(epoch, batches)`` makes the next iteration over that epoch start after its first
+    ``batches`` batches: how a run resumed in the middle of an epoch continues with the very
+    batch it would have seen next."""
 
     def __init__(self, num_items: int, batch_size: int, shuffle: bool, seed: int = 0,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
@@ -51,6 +61,11 @@ class EpochBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self.epoch = epoch
+        self._resume = (epoch, batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
@@ -79,8 +94,43 @@ class EpochBatchSampler:
         # so that each rank has data whenever there are at least as many images as ranks.
         if self.drop_last:
             batches = order.split(self.batch_size)[: self._num_batches()]
-            return iter(batches[self.rank::self.world_size][: len(self)])
-        return iter(order[self.rank::self.world_size].split(self.batch_size))
+            batches = batches[self.rank::self.world_size][: len(self)]
+        else:
+            batches = order[self.rank::self.world_size].split(self.batch_size)
+        if self._resume is not None and self._resume[0] == self.epoch:
+            batches = batches[self._resume[1]:]
+        self._resume = None
+        return iter(batches)
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws a seed from a generator every time it starts an iteration; with its
+    own, it leaves the global random state (dropout's) alone, so a resumed run, which starts its
+    iteration at another moment, draws the same dropout masks as the uninterrupted run."""
+    return torch.Generator().manual_seed(0)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader of whole batches whose position in the epoch is saved in checkpoints.
+
+    Lightning stores the state of a training loader that has ``state_dict``/``load_state_dict``
+    and restores it before iterating again, so a run killed in the middle of an epoch resumes
+    with the next batch of the same permutation instead of restarting the epoch. The position is
+    the trainer's own count of completed batches (the loader itself runs ahead by the batches
+    Lightning prefetches).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler,
+                 completed: Callable[[], int]) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=0,
+                         generator=_own_generator())
+        self._completed = completed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self._completed())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(int(state["epoch"]), int(state["batches"]))
 
 
 class TensorBatches(Dataset):
@@ -206,9 +256,15 @@ class GalaxyDataModule(L.LightningDataModule):
     # -- preparation -------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Make sure the prepared file exists (simulate / download / convert once, then cached),
-        and that the configured splits fit it (checked from the header, before any pixel loads)."""
+        and that the configured splits fit it (checked from the header, before any pixel loads).
+        (Several processes may do this at once: the sources lock the file they write.)"""
         self._path = self.source.prepare(self.data_dir)
         info = read_info(self._path)
+        labels = read_labels(self._path)
+        if not self.test_only and len(np.unique(labels)) < 2:
+            raise DataError(f"{self._path}: all {len(labels)} images are of one class "
+                            f"({info.class_names[int(labels[0])]}); a classifier needs images of "
+                            "at least two classes")
         self.preprocess = Preprocess(info.spec)
         if not (self.test_only or info.has_split):
             resolve_split_sizes(self.splits, info.num_images, self._path)
@@ -276,8 +332,12 @@ class GalaxyDataModule(L.LightningDataModule):
         sampler = EpochBatchSampler(len(self.split(name)), batch_size, shuffle=shuffle,
                                     seed=self.shuffle_seed, drop_last=shuffle, rank=rank,
                                     world_size=world)
+        if shuffle and trainer is not None:  # training: resumable in the middle of an epoch
+            loop = trainer.fit_loop.epoch_loop.batch_progress
+            return ResumableLoader(self.split(name), sampler, lambda: loop.current.completed)
         # batch_size=None: the sampler already yields whole batches and the dataset gathers them.
-        return DataLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=0)
+        return DataLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=0,
+                          generator=_own_generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -290,6 +350,15 @@ class GalaxyDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the augmentation's random state, so a resumed run augments
+        its next batches exactly as the uninterrupted run would."""
+        return {"augmentation_rng": self.augmentation.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "augmentation_rng" in state_dict:
+            self.augmentation.generator.set_state(state_dict["augmentation_rng"])
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 NHWC batch -> model input (augmented while training); labels (and soft targets)

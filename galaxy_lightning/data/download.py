@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from galaxy_lightning.data.prepared import file_lock
 from galaxy_lightning.errors import DataError
 
 CHUNK = 1 << 20
@@ -122,7 +123,15 @@ def download(urls: Sequence[str], target: Path, sha256: str | None, timeout: flo
     if target.exists():
         verify(target, sha256, progress)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target):  # another process may be downloading the same file right now
+        if target.exists():
+            verify(target, sha256, progress)
+            return target
+        return _download(urls, target, sha256, timeout, retries, progress)
+
+
+def _download(urls: Sequence[str], target: Path, sha256: str | None, timeout: float,
+              retries: int, progress: bool) -> Path:
     part = target.with_name(target.name + ".part")
     errors: list[str] = []
     for url in urls:

@@ -24,7 +24,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from galaxy_lightning.data.prepared import SPLIT_NAMES, PreparedWriter, announce, provenance_matches
+from galaxy_lightning.data.prepared import (
+    SPLIT_NAMES,
+    PreparedWriter,
+    announce,
+    file_lock,
+    provenance_matches,
+)
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.input_spec import InputSpec
 
@@ -133,7 +139,9 @@ class HDF5Source:
                               f"{source}; choose another name")
         if provenance_matches(target, expected):
             return target
-        self._convert(source, target, expected, progress)
+        with file_lock(target):  # another process may be converting the same file right now
+            if not provenance_matches(target, expected):
+                self._convert(source, target, expected, progress)
         return target
 
     def _convert(self, source: Path, target: Path, expected: dict[str, Any], progress: bool) -> None:

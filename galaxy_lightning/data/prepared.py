@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -116,8 +118,17 @@ class PreparedWriter:
         self._rows = 0
 
     def __enter__(self) -> PreparedWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self._tmp, "w")
+        # Temporary files of this target left by a killed writer (a live one holds the target's
+        # file_lock, which the caller holds now) are garbage.
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = h5py.File(self._tmp, "w")
+        except OSError as err:
+            self._tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write {self.path} ({err.strerror or err}); choose a writable "
+                            "data directory (paths.data_dir) with free space") from None
         f = self._file
         rows = min(self.num_images, 256)
         grow = {"maxshape": (None, *self.image_shape)} if self.at_most else {}
@@ -159,6 +170,17 @@ class PreparedWriter:
             raise ValueError(f"this writer was opened with columns {self.columns}; pass exactly "
                              f"those for every block (got {sorted(columns)})")
         end = self._rows + n
+        try:
+            self._write_rows(images, labels, columns, end)
+        except OSError as err:  # a full disk, or the folder went away
+            raise DataError(f"cannot write {self.path} ({err.strerror or err}); free space in "
+                            "the data directory (paths.data_dir) or choose another") from None
+        self._rows = end
+
+    def _write_rows(self, images: np.ndarray, labels: np.ndarray,
+                    columns: dict[str, np.ndarray | None], end: int) -> None:
+        assert self._file is not None
+        n = len(images)
         self._file["images"][self._rows:end] = images
         self._file["labels"][self._rows:end] = labels.astype(np.int64)
         for name in self.columns:
@@ -168,7 +190,6 @@ class PreparedWriter:
             if name == "id":
                 values = values.astype(str).astype(object)
             self._file[name][self._rows:end] = values
-        self._rows = end
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -177,16 +198,49 @@ class PreparedWriter:
             for name in ("images", "labels", *self.columns):
                 self._file[name].resize(self._rows, axis=0)
             self.num_images = self._rows
-        if exc_type is None:
-            self._write_attributes()
-        self._file.close()
+        try:
+            if exc_type is None:
+                self._write_attributes()
+            self._file.close()
+        except OSError as err:
+            self._tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write {self.path} ({err.strerror or err}); free space in the "
+                            "data directory (paths.data_dir) or choose another") from None
         if exc_type is None and self._rows != self.num_images:
             self._tmp.unlink(missing_ok=True)
             raise ValueError(f"{self.path}: wrote {self._rows} of {self.num_images} rows")
         if exc_type is not None:
             self._tmp.unlink(missing_ok=True)
             return
-        os.replace(self._tmp, self.path)
+        try:
+            os.replace(self._tmp, self.path)
+        except OSError as err:
+            self._tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write {self.path} ({err.strerror or err}); choose a writable "
+                            "data directory (paths.data_dir)") from None
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock of ``path`` (a ``.<name>.lock`` file beside it) while making that file.
+
+    Processes started together (the ranks of a DDP job under a cluster's launcher, parallel
+    sweep jobs) would otherwise simulate, download or convert the same file at once: one makes
+    it while the others wait, then they find it made and reuse it."""
+    from filelock import FileLock
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path.with_name(f".{path.name}.lock"))
+        lock.acquire()
+    except OSError as err:
+        raise DataError(f"cannot write in {path.parent} ({err.strerror or err}); choose a writable "
+                        "data directory (paths.data_dir)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def announce(message: str, progress: bool = True, level: int = logging.INFO) -> None:
@@ -272,6 +326,17 @@ def _info(path: Path, f: h5py.File) -> PreparedInfo:
         if f[name].shape[0] != n:
             raise DataError(f"{path}: '{name}' must have {n} rows; {fix}")
     return PreparedInfo(path, n, h, w, c, spec, provenance, columns)
+
+
+def read_labels(path: str | os.PathLike[str]) -> np.ndarray:
+    """The labels of a prepared file, without its pixels."""
+    path = Path(path)
+    with _open(path) as f:
+        try:
+            return f["labels"][...]
+        except (OSError, KeyError) as err:
+            raise DataError(f"{path}: reading the labels failed ({err}); delete it so that it is "
+                            "prepared again") from None
 
 
 def read_prepared(path: str | os.PathLike[str]) -> PreparedData:

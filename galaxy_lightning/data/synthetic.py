@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from galaxy_lightning.data.prepared import PreparedWriter, provenance_matches
+from galaxy_lightning.data.prepared import PreparedWriter, file_lock, provenance_matches
 from galaxy_lightning.input_spec import InputSpec
 
 CLASS_NAMES = [
@@ -286,6 +286,12 @@ class SyntheticGalaxies:
         path = Path(data_dir) / self.filename
         if provenance_matches(path, self.provenance):
             return path
+        with file_lock(path):  # another process may be simulating the same set right now
+            if not provenance_matches(path, self.provenance):
+                self._simulate(path, progress)
+        return path
+
+    def _simulate(self, path: Path, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         total = self.n_per_class * len(CLASS_NAMES)
@@ -299,7 +305,6 @@ class SyntheticGalaxies:
                                           start + chunk)
                 writer.write(images, labels)
                 bar.update(len(labels))
-        return path
 
 
 def main(argv: list[str] | None = None) -> None:

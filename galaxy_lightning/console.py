@@ -1,0 +1,37 @@
+"""What a run prints: the lines that matter, not third-party banners and known deprecations.
+
+:func:`quiet_third_party` is applied by every entry point (:func:`~galaxy_lightning.errors.
+cli_boundary`). It hides exactly the lines listed here, each a banner or a warning about code
+that is not ours and that the user cannot act on; every other warning and log line stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+#: Log lines (by their start) that are advertisements, not information.
+BANNERS = ("💡 Tip:",)
+#: Warnings (message patterns) raised inside dependencies about their own internals, or about
+#: a setting that is deliberate here.
+KNOWN_WARNINGS = (
+    # torch 2.13 deprecates an API that Lightning 2.6's pytree helper still calls
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # the data are tensors in memory, batched by index: worker processes would only add copies
+    r".*does not have many workers.*",
+)
+
+
+class _DropBanners(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(BANNERS)
+
+
+def quiet_third_party() -> None:
+    """Hide :data:`BANNERS` and :data:`KNOWN_WARNINGS` in this process (idempotent)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropBanners) for f in logger.filters):
+            logger.addFilter(_DropBanners())
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)

@@ -1,0 +1,176 @@
+"""Nothing lost: runs killed at random moments resume to exactly the uninterrupted result;
+killed preparations and downloads recover; concurrent preparations share one file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from galaxy_lightning.data.prepared import read_prepared
+from galaxy_lightning.data.synthetic import SyntheticGalaxies
+
+from .conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+#: A short run that exercises everything a resume must restore: augmentation (its generator),
+#: dropout (torch's RNG), a schedule, weight averaging, BatchNorm statistics, and validation at
+#: step counts that are not epoch boundaries (7 batches per epoch, validation every 5 steps).
+RUN = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))],
+       "model=bn_cnn", "data.augment=[dihedral,rotate,shift]", "scheduler=cosine",
+       "callbacks=[default,ema]", "callbacks.ema.update_starting_at_step=0",
+       "callbacks.bn_statistics.images=64", "trainer.max_steps=30", "trainer.val_check_interval=5",
+       "logger=none"]
+#: What must be identical between a resumed run and the uninterrupted one.
+COMPARED = ("test/acc", "test/loss", "test/ece", "test/confusion_matrix", "test/reliability",
+            "val/acc_best", "best_step", "global_step", "history")
+
+
+def galaxy_train(*args: str, run: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, *args,
+                           f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def results(run: Path) -> dict:
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {k: metrics[k] for k in COMPARED} | {k: v for k, v in metrics.items()
+                                               if k.startswith("test/acc_class/")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    base = tmp_path_factory.mktemp("faults")
+    done = galaxy_train(run=base / "whole", data_dir=base / "data")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return results(base / "whole"), base / "data"
+
+
+def kill_points() -> list[tuple[str, int]]:
+    """Random (but reproducible) moments: during training, during a validation, while a
+    checkpoint is being written; after the first checkpoint exists (step 5)."""
+    rng = random.Random(1234)
+    validations = list(range(10, 30, 5))
+    return [("train", rng.randrange(6, 30)), ("train", rng.randrange(6, 30)),
+            ("validate", rng.choice(validations)), ("validate", rng.choice(validations)),
+            ("save", rng.choice(validations)), ("save", rng.choice(validations))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment, step", kill_points())
+def test_a_run_killed_at_any_moment_resumes_to_the_same_result(reference: tuple, tmp_path: Path,
+                                                              moment: str, step: int) -> None:
+    expected, data_dir = reference
+    killed = galaxy_train("+callbacks.fault._target_=tests.faults.KillAt",
+                          f"+callbacks.fault.moment={moment}", f"+callbacks.fault.step={step}",
+                          run=tmp_path / "killed", data_dir=data_dir)
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert last.is_file()  # intact: a kill while saving leaves the previous one
+    resumed = galaxy_train(f"ckpt_path={last}", run=tmp_path / "resumed", data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert results(tmp_path / "resumed") == expected
+    assert (tmp_path / "resumed" / "resumed_from.txt").read_text().strip() == str(last.resolve())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, code", [("sigint", 1), ("sigterm", 143)])
+def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(reference: tuple, tmp_path: Path,
+                                                      signal_name: str, code: int) -> None:
+    expected, data_dir = reference
+    stopped = galaxy_train("+callbacks.fault._target_=tests.faults.KillAt",
+                           f"+callbacks.fault.moment={signal_name}", "+callbacks.fault.step=13",
+                           run=tmp_path / "stopped", data_dir=data_dir)
+    assert stopped.returncode == code, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    line = next(l for l in stopped.stdout.splitlines() if "resume with:" in l)
+    assert f"at step 13: saved {last}" in line and f"ckpt_path={last}" in line
+    assert "Traceback" not in stopped.stderr
+    assert (tmp_path / "stopped" / "accuracy_curve.png").is_file()  # the outputs it could write
+    resumed = galaxy_train(f"ckpt_path={last}", run=tmp_path / "resumed", data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert results(tmp_path / "resumed") == expected
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_resumes_the_newest_run_of_the_task(reference: tuple, tmp_path: Path) -> None:
+    expected, data_dir = reference
+    logs = tmp_path / "logs"
+    killed = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN,
+                             "+callbacks.fault._target_=tests.faults.KillAt",
+                             "+callbacks.fault.moment=train", "+callbacks.fault.step=17",
+                             f"paths.data_dir={data_dir}", f"paths.log_dir={logs}"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    (killed_run,) = (logs / "train" / "runs").iterdir()
+    time.sleep(1.1)  # the next run directory is named by the second
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, "ckpt_path=last",
+                              f"paths.data_dir={data_dir}", f"paths.log_dir={logs}"],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (new_run,) = [r for r in (logs / "train" / "runs").iterdir() if r != killed_run]
+    assert (new_run / "resumed_from.txt").read_text().strip() == \
+        str((killed_run / "checkpoints" / "last.ckpt").resolve())
+    assert results(new_run) == expected
+
+
+# -- data preparation ----------------------------------------------------------------------------
+def _prepare(data_dir: str, n: int) -> str:
+    return str(SyntheticGalaxies(n_per_class=n, image_size=32, seed=5).prepare(data_dir, progress=False))
+
+
+@pytest.mark.slow
+def test_a_killed_preparation_leaves_nothing_corrupt_and_the_next_run_recovers(tmp_path: Path) -> None:
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_faults import _prepare; "
+            f"_prepare({str(tmp_path)!r}, 400)")
+    process = subprocess.Popen([sys.executable, "-c", code])
+    target = tmp_path / SyntheticGalaxies(n_per_class=400, image_size=32, seed=5).filename
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(f".{target.name}.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # half-way through writing
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not target.exists()  # a half-written file never takes the real name
+    assert list(tmp_path.glob(f".{target.name}.*.tmp"))  # what the killed writer left
+    path = Path(_prepare(str(tmp_path), 400))
+    data = read_prepared(path)
+    assert len(data.labels) == 2800 and np.bincount(data.labels).tolist() == [400] * 7
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # cleaned up
+
+
+@pytest.mark.slow
+def test_two_processes_preparing_the_same_file_share_it(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        paths = pool.starmap(_prepare, [(str(tmp_path), 150), (str(tmp_path), 150)])
+    assert paths[0] == paths[1]
+    data = read_prepared(paths[0])
+    again = read_prepared(Path(_prepare(str(tmp_path), 150)))
+    assert np.array_equal(data.images, again.images) and len(data.labels) == 1050
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        [Path(paths[0]).name]
+
+
+def test_an_unreadable_last_checkpoint_names_the_newest_good_one(tmp_path: Path, make_cfg) -> None:  # noqa: ANN001
+    from galaxy_lightning.errors import CheckpointError
+    from galaxy_lightning.train import train
+
+    cfg = make_cfg()
+    train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    os.utime(last, (time.time() + 10, time.time() + 10))  # and the newest
+    with pytest.raises(CheckpointError, match=r"last.ckpt: not a readable checkpoint .* the newest "
+                                              r"readable checkpoint there is .*best-step00020"):
+        train(make_cfg(f"ckpt_path={last}", run="resume"))
