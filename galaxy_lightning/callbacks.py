@@ -294,23 +294,53 @@ class RandomStates(L.Callback):
 
 class GracefulStop(L.Callback):
     """Ctrl-C (SIGINT) or a cluster's pre-emption (SIGTERM) during training: save ``last.ckpt``
-    at the current step, draw the accuracy curve so far, and say in one line how to resume.
+    between two steps, draw the accuracy curve so far, and say in one line how to resume.
 
-    Lightning turns both signals into an exception at the next batch and calls ``on_exception``
-    before it exits; the data loader's position, the random states and the metric counts are
-    in the checkpoint, so the resumed run continues exactly where this one stopped."""
+    Lightning turns SIGTERM into an exception once the current step has completed, and calls
+    ``on_exception``, where the checkpoint is saved. Ctrl-C takes the same path: Python would
+    raise ``KeyboardInterrupt`` anywhere, possibly between an optimizer step and the count of
+    completed batches, so the first Ctrl-C is turned into a SIGTERM to this process (a second one
+    interrupts at once). The data loader's position, the random states and the metric counts are
+    in the checkpoint, so the resumed run continues exactly where this one stopped.
+    ``exit_code`` is 130 after Ctrl-C and 143 after SIGTERM, as the shell reports them."""
 
     def __init__(self, dirpath: str, resume_command: str = "galaxy-train") -> None:
         self.dirpath = Path(dirpath)
         self.resume_command = resume_command
         self.saved: Path | None = None
+        self.exit_code = 128 + 15
+        self._previous: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        self.exit_code = 128 + 15
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        import os
+        import signal
+
+        self.exit_code = 128 + 2
+        self._restore_handler()  # a second Ctrl-C interrupts at once
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore_handler(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or \
-                trainer.state.fn != "fit" or trainer.global_step == 0:
+        self._restore_handler()
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" \
+                or trainer.global_step == 0:
             return
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
@@ -319,9 +349,12 @@ class GracefulStop(L.Callback):
             if isinstance(callback, RunArtifacts):
                 callback.on_fit_end(trainer, pl_module)
         if trainer.is_global_zero:
-            signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
-            print(f"\n{signal} at step {trainer.global_step}: saved {path}; resume with: "
+            what = "Ctrl-C" if self.exit_code == 130 else "SIGTERM"
+            print(f"\n{what} at step {trainer.global_step}: saved {path}; resume with: "
                   f"{self.resume_command} ckpt_path={path}", flush=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
 
 
 class StepTimer(L.Callback):

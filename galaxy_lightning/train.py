@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from galaxy_lightning import perf
@@ -182,7 +185,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
              info.path, info.num_images, info.height, info.width, info.channels, info.num_classes)
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # stopped by Ctrl-C or SIGTERM, after GracefulStop saved
+            stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+            raise SystemExit(stop.exit_code if stop is not None else 128 + 15) from None
     metrics = _scalars(trainer)
 
     if cfg.get("test", True):
@@ -208,19 +215,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+class RunDirectoryCheck(Callback):
+    """Hydra callback: Hydra creates the run (or sweep) directory before galaxy-train starts, and
+    reports a failure with a traceback; this checks first, so an unwritable or full log directory
+    is one line too (part of the entry point's boundary: it prints and exits 2)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _check(directory: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            print(f"error: cannot create the run directory {directory} ({err.strerror or err}); "
+                  "choose a writable paths.log_dir with free space", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
 @cli_boundary
 def main(cfg: DictConfig) -> float | None:
     """``galaxy-train [group=option ...] [key=value ...]``: one run, or a sweep with ``-m``.
 
     Returns the metric named by ``optimized_metric``, which Hydra sweepers optimise. A run stopped
-    by SIGTERM (after saving, see ``GracefulStop``) exits with 143, as a killed process would."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    try:
-        metrics = train(cfg)
-    except SIGTERMException:
-        raise SystemExit(128 + 15) from None
+    by Ctrl-C or SIGTERM (after saving, see ``GracefulStop``) exits with 130 or 143."""
+    metrics = train(cfg)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 

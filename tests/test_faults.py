@@ -83,7 +83,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_result(reference: tuple,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name, code", [("sigint", 1), ("sigterm", 143)])
+@pytest.mark.parametrize("signal_name, code", [("sigint", 130), ("sigterm", 143)])
 def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(reference: tuple, tmp_path: Path,
                                                       signal_name: str, code: int) -> None:
     expected, data_dir = reference
@@ -174,3 +174,104 @@ def test_an_unreadable_last_checkpoint_names_the_newest_good_one(tmp_path: Path,
     with pytest.raises(CheckpointError, match=r"last.ckpt: not a readable checkpoint .* the newest "
                                               r"readable checkpoint there is .*best-step00020"):
         train(make_cfg(f"ckpt_path={last}", run="resume"))
+
+
+# -- one line for every bad input ----------------------------------------------------------------
+def cli(*args: str, tmp_path: Path, data_dir: Path | None = None) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, *args,
+                           f"paths.data_dir={data_dir or tmp_path / 'data'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def one_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+def test_checkpoints_that_cannot_be_resumed_are_refused_in_one_line(tmp_path: Path) -> None:
+    one_line(cli(f"ckpt_path={tmp_path / 'nope.ckpt'}", tmp_path=tmp_path), "nope.ckpt: checkpoint not found")
+    (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
+    one_line(cli(f"ckpt_path={tmp_path / 'junk.ckpt'}", tmp_path=tmp_path),
+             "junk.ckpt: not a readable checkpoint")
+    trained = cli("logger=none", tmp_path=tmp_path / "a")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    one_line(cli(f"ckpt_path={last}", "model.width=2", tmp_path=tmp_path / "b"),
+             "was trained with another model", "use the run's own config")
+    one_line(cli(f"ckpt_path={last}", "data.source.image_size=48", tmp_path=tmp_path / "c",
+                 data_dir=tmp_path / "a" / "data"), "was trained with another data")
+    one_line(cli("ckpt_path=last", f"paths.log_dir={tmp_path / 'empty'}", tmp_path=tmp_path / "d"),
+             "ckpt_path=last: no last.ckpt under")
+
+
+def test_unusable_machines_and_directories_are_refused_in_one_line(tmp_path: Path) -> None:
+    one_line(cli("trainer=gpu", "trainer.accelerator=gpu", tmp_path=tmp_path), "trainer: ", "gpu")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_line(cli(tmp_path=tmp_path, data_dir=blocker / "data"), "cannot write in", "paths.data_dir")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY,
+                             f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={blocker / 'logs'}"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    one_line(result, "cannot create the run directory", str(blocker), "paths.log_dir")
+
+
+def test_a_full_disk_leaves_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import h5py
+
+    from galaxy_lightning.checkpoints import AtomicCheckpointIO
+    from galaxy_lightning.errors import CheckpointError, DataError
+
+    real = h5py.Dataset.__setitem__
+
+    def full(self, key, value):  # noqa: ANN001, ANN202
+        if self.name == "/images":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    with pytest.raises(DataError, match=r"cannot write .*No space left on device.*paths.data_dir"):
+        SyntheticGalaxies(n_per_class=5, image_size=16).prepare(tmp_path, progress=False)
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+    monkeypatch.undo()
+
+    def no_space(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("torch.save", no_space)
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "last.ckpt").write_bytes(b"the previous checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.ckpt \(No space left"):
+        AtomicCheckpointIO().save_checkpoint({"x": 1}, tmp_path / "ckpts" / "last.ckpt")
+    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["last.ckpt"]
+    assert (tmp_path / "ckpts" / "last.ckpt").read_bytes() == b"the previous checkpoint"
+
+
+def test_data_of_a_single_class_is_refused(tmp_path: Path, make_cfg) -> None:  # noqa: ANN001
+    import h5py
+
+    from galaxy_lightning.errors import DataError
+    from galaxy_lightning.train import build
+
+    with h5py.File(tmp_path / "one.h5", "w") as f:
+        f.create_dataset("images", data=np.zeros((30, 16, 16, 3), np.uint8))
+        f.create_dataset("labels", data=np.zeros(30, np.int64))
+        f.attrs["class_names"] = '["spiral", "elliptical"]'
+    with pytest.raises(DataError, match=r"all 30 images are of one class \(spiral\)"):
+        build(make_cfg("data=hdf5", f"data.source.path={tmp_path / 'one.h5'}", tiny=False))
+
+
+def test_runs_print_no_third_party_banners(tmp_path: Path) -> None:
+    result = cli("logger=none", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert "Tip:" not in out and "LeafSpec" not in out and "does not have many workers" not in out
+    assert "test accuracy" in out  # what matters is still there

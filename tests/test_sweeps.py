@@ -79,6 +79,11 @@ def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
+    # Lightning's SLURM requeue: SIGUSR1 before the limit, submitit's own requeueing off
+    assert launcher.additional_parameters.signal == "USR1@120" and launcher.max_num_timeout == 0
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    assert SLURMEnvironment().auto_requeue and SLURMEnvironment().requeue_signal.name == "SIGUSR1"
 
 
 def test_seed_sweep_from_any_directory_gives_the_comparison_table(tmp_path: Path,
