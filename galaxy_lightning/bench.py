@@ -346,7 +346,7 @@ def _train_py_run(args: argparse.Namespace, data_dir: Path, run_dir: Path, steps
     res = run_dir.with_suffix(".json")
     return _timed_process(
         [sys.executable, "-m", "galaxy_lightning.train", *overrides, f"trainer.max_steps={steps}",
-         f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "~callbacks.progress_bar",
+         f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "callbacks.progress_bar.every_n_steps=1000",
          "+callbacks.step_timer._target_=galaxy_lightning.callbacks.StepTimer",
          f"+callbacks.step_timer.output_file={res}"], res)
 

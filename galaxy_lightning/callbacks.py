@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from matplotlib.figure import Figure
 
@@ -46,8 +47,39 @@ def _tensorboard_image(logger: TensorBoardLogger, tag: str, image: np.ndarray, s
     logger.experiment.add_image(tag, image, step, dataformats="HWC")
 
 
-#: How each kind of logger takes an image: (logger class, function(logger, tag, HWC uint8, step)).
-IMAGE_SINKS: list[tuple[type[Logger], Any]] = [(TensorBoardLogger, _tensorboard_image)]
+def _mlflow_image(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    # an artifact per figure and step: MLflow's UI shows them under the run's artifacts
+    logger.experiment.log_image(logger.run_id, image, artifact_file=f"figures/{tag}/step_{step:06d}.png")
+
+
+def _wandb_image(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    import wandb
+
+    logger.experiment.log({tag: wandb.Image(image), "trainer/global_step": step})
+
+
+def _image_sinks() -> list[tuple[type[Logger], Any]]:
+    """How each kind of logger takes an image: (logger class, function(logger, tag, HWC uint8,
+    step)). MLflow and W&B are optional extras: their sinks exist when they are installed."""
+    sinks: list[tuple[type[Logger], Any]] = [(TensorBoardLogger, _tensorboard_image)]
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    sinks += [(MLFlowLogger, _mlflow_image), (WandbLogger, _wandb_image)]
+    return sinks
+
+
+IMAGE_SINKS = _image_sinks()
+
+
+def log_artifact(loggers: list[Logger], path: Path) -> None:
+    """Attach a file (metrics.json) to the runs of the loggers that keep files."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path))
+        elif isinstance(logger, WandbLogger):
+            logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
 
 
 def log_image(loggers: list[Logger], tag: str, image: np.ndarray, step: int) -> None:
@@ -63,9 +95,11 @@ class RunArtifacts(L.Callback):
     """Writes ``examples.png``, ``accuracy_curve.png``, ``confusion_matrix.png``,
     ``reliability_diagram.png`` and ``metrics.json``, and logs each figure to the loggers."""
 
-    def __init__(self, output_dir: str, examples_per_class: int = 8) -> None:
+    def __init__(self, output_dir: str, examples_per_class: int = 8,
+                 tags: list[str] | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.examples_per_class = examples_per_class
+        self.tags = list(tags or [])
         self.history: dict[str, list[float]] = {"train_step": [], "train_acc": [],
                                                 "val_step": [], "val_acc": []}
         self._fit_start: float | None = None
@@ -198,6 +232,7 @@ class RunArtifacts(L.Callback):
             "best_step": self.best_step,
             "global_step": trainer.global_step,
             "class_names": list(pl_module.class_names),
+            "tags": self.tags,
             "tta": tta,
             "calibrated": bool(getattr(pl_module, "calibrated", False)),
             # wall time of this process's fit (validation and checkpoints included; a resumed
@@ -210,6 +245,73 @@ class RunArtifacts(L.Callback):
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2))
+        log_artifact(trainer.loggers, self.output_dir / "metrics.json")
+
+
+class TensorBoardDashboard(L.Callback):
+    """TensorBoard's custom-scalars layout: training and validation accuracy on one chart, the
+    losses on another (the tutorial's plot, live during training), and the learning rate."""
+
+    LAYOUT = {"galaxy_lightning": {
+        "accuracy: training and validation": ["Multiline", ["train/acc", "val/acc"]],
+        "loss: training and validation": ["Multiline", ["train/loss", "val/loss"]],
+        "learning rate": ["Multiline", ["train/lr"]],
+    }}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_custom_scalars(self.LAYOUT)
+
+
+class LineProgressBar(ProgressBar):
+    """Progress as plain lines, for output that goes to a file or a pipe: one line every
+    ``every_n_steps`` steps and one after every validation, with the progress-bar metrics."""
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._start = time.perf_counter()
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _line(self, trainer: L.Trainer, what: str) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        metrics = " ".join(f"{k} {float(v):.4g}" for k, v in sorted(trainer.progress_bar_metrics.items()))
+        total = trainer.max_steps if trainer.max_steps > 0 else "?"
+        rate = trainer.global_step / max(1e-9, time.perf_counter() - self._start)
+        print(f"[{what}] step {trainer.global_step}/{total} epoch {trainer.current_epoch} "
+              f"{metrics} ({rate:.1f} steps/s)", flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._line(trainer, "train")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._line(trainer, "validation")
+
+
+def progress_bar(every_n_steps: int = 100) -> ProgressBar:
+    """Rich's live progress bar on a terminal; :class:`LineProgressBar` when stdout is a file or
+    a pipe (a log file, a cluster's job output)."""
+    import sys
+
+    if sys.stdout.isatty():
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return RichProgressBar()
+    return LineProgressBar(every_n_steps)
 
 
 class BatchNormStatistics(L.Callback):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 #: Log lines (by their start) that are advertisements, not information.
 BANNERS = ("💡 Tip:",)
@@ -35,3 +36,23 @@ def quiet_third_party() -> None:
             logger.addFilter(_DropBanners())
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def print_config_tree(cfg: Any, order: tuple[str, ...] = ("data", "model", "optimizer", "scheduler",
+                                                        "trainer", "callbacks", "logger", "paths",
+                                                        "perf")) -> None:
+    """The composed run config as a tree (one branch per group), printed with rich, as the
+    lightning-hydra-template does before a run starts."""
+    import rich
+    import rich.syntax
+    import rich.tree
+    from omegaconf import DictConfig, OmegaConf
+
+    tree = rich.tree.Tree("config", guide_style="dim")
+    keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order and k != "hydra"]
+    for key in keys:
+        node = cfg[key]
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        branch = tree.add(str(key), guide_style="dim")
+        branch.add(rich.syntax.Syntax(text.rstrip() or "null", "yaml", theme="ansi_dark"))
+    rich.print(tree)

@@ -182,7 +182,7 @@ class GalaxyClassifier(L.LightningModule):
         by 90 degrees and flips) with ``tta``."""
         if not tta:
             return self(x).float()[None]
-        return self(dihedral_views(x)).float().view(8, len(x), -1)
+        return self(dihedral_views(x)).float().unflatten(0, (8, -1))  # no fixed batch: exportable
 
     @staticmethod
     def combine_views(logits: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from galaxy_lightning import perf
 from galaxy_lightning.calibration import calibrate, store_in_checkpoint
@@ -33,6 +34,7 @@ from galaxy_lightning.checkpoints import (
     refuse_resume_of_old_format,
 )
 from galaxy_lightning.config import CONFIG_PACKAGE, construct, validate_config
+from galaxy_lightning.console import print_config_tree
 from galaxy_lightning.data.datamodule import GalaxyDataModule
 from galaxy_lightning.errors import ConfigError, cli_boundary, config_key
 from galaxy_lightning.models import count_parameters
@@ -41,14 +43,14 @@ from galaxy_lightning.module import GalaxyClassifier
 log = logging.getLogger(__name__)
 
 #: What the hparams views of the loggers show of a run: these config groups and keys ...
-HPARAM_KEYS = ("seed", "data", "model", "optimizer", "scheduler", "label_smoothing", "tta",
+HPARAM_KEYS = ("seed", "tags", "data", "model", "optimizer", "scheduler", "label_smoothing", "tta",
                "calibrate", "trainer")
 #: ... against these results.
 HPARAM_METRICS = ("val/acc_best", "test/acc", "test/ece")
 
 
 def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def _scalars(trainer: L.Trainer) -> dict[str, float]:
@@ -68,6 +70,7 @@ def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Traine
                              for name, lg in (cfg.get("logger") or {}).items() if lg is not None]
     if not loggers:  # Lightning's LearningRateMonitor refuses to run without a logger to feed
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    tag_loggers(loggers, list(cfg.get("tags") or []))
     try:
         trainer: L.Trainer = construct(cfg.trainer, "trainer", callbacks=callbacks,
                                        logger=loggers or False, plugins=[AtomicCheckpointIO()])
@@ -84,6 +87,21 @@ def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Traine
                               data=_container(cfg.data), compile=bool(cfg.perf.compile))
     module.set_inference(tta=bool(cfg.get("tta", False)))
     return datamodule, module, trainer
+
+
+def tag_loggers(loggers: list[Logger], tags: list[str]) -> None:
+    """Record the run's tags with every logger: MLflow run tags, W&B tags (its config already
+    passes them), a TensorBoard text entry; all of them also get ``tags`` among the hparams."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    if not tags:
+        return
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.tags = {**(logger.tags or {}), **{str(t): "true" for t in tags},
+                           "tags": ", ".join(map(str, tags))}
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text("tags", ", ".join(map(str, tags)), 0)
 
 
 def log_run_hyperparameters(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
@@ -147,9 +165,7 @@ def prepare_output_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
     output_dir = Path(cfg.paths.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(resolved, dict)
-        resolved.pop("hydra", None)
+        resolved = {k: _container(v) for k, v in cfg.items() if k != "hydra"}
         resolved["ckpt_path"] = ckpt_path
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         if ckpt_path and cfg.get("train", True):
@@ -171,6 +187,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True) and ckpt_path:
         refuse_resume_of_old_format(ckpt_path)
 
+    if cfg.get("print_config", False) and os.environ.get("LOCAL_RANK", "0") == "0":
+        print_config_tree(cfg)
     datamodule, module, trainer = build(cfg)
     if ckpt_path:  # the same network for the same data, or a one-line refusal
         check_resume(ckpt_path, dict(module.hparams))
@@ -212,7 +230,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("test accuracy %.4f (best validation accuracy %.4f); outputs in %s",
                  metrics.get("test/acc", float("nan")), metrics.get("val/acc_best", float("nan")),
                  output_dir)
+    finish_loggers(trainer)
     return metrics
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close what the loggers keep open, so that their stores are complete when the run returns
+    (W&B writes its run file in a background service until the run is finished; each job of a
+    sweep is its own W&B run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
 
 
 class RunDirectoryCheck(Callback):

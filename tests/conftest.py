@@ -29,7 +29,7 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "trainer.accelerator=cpu",
     "trainer.enable_model_summary=false",
-    "~callbacks.progress_bar",
+    "callbacks.progress_bar.every_n_steps=1000",
     "seed=0",
 ]
 

@@ -63,7 +63,7 @@ def test_experiments_and_debug_presets_compose(option: str, make_cfg: Callable[.
     group, name = option.split("/") if "/" in option else ("experiment", option)
     cfg = make_cfg(f"{group}={name}", tiny=False)
     validate_config(cfg)
-    assert cfg.trainer.max_steps >= 1
+    assert cfg.trainer.max_steps >= 1 or cfg.trainer.max_epochs >= 1
 
 
 def test_quickstart_preset_builds_everything(make_cfg: Callable[..., DictConfig]) -> None:
@@ -148,3 +148,34 @@ def test_cli_unknown_key_is_a_hydra_error_without_traceback(tmp_path: Path) -> N
     result = run_cli("model.chanels=[4,5,6,7]", tmp_path=tmp_path)
     assert result.returncode != 0
     assert "model.chanels" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_trainer_configs_for_every_machine(make_cfg: Callable[..., DictConfig]) -> None:
+    expected = {"cpu": ("cpu", None), "gpu": ("gpu", None), "mps": ("mps", None),
+                "ddp": ("auto", "ddp"), "ddp_sim": ("cpu", "ddp"), "default": ("auto", None)}
+    assert set(options("trainer")) == set(expected)
+    for name, (accelerator, strategy) in expected.items():
+        cfg = make_cfg(f"trainer={name}", "trainer.precision=bf16-mixed", tiny=False)
+        assert cfg.trainer.accelerator == accelerator and cfg.trainer.get("strategy") == strategy
+        assert cfg.trainer.precision == "bf16-mixed"  # precision is a key of every trainer config
+    assert make_cfg("trainer=ddp_sim", tiny=False).trainer.devices == 2
+
+
+def test_callbacks_as_template_users_type_them(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("callbacks.early_stopping.patience=3", tiny=False)
+    assert cfg.callbacks.early_stopping.patience == 3
+    cfg = make_cfg("callbacks=[default,rich_model_summary,ema]", tiny=False)
+    assert {"rich_model_summary", "ema", "bn_statistics", "lr_monitor", "model_checkpoint"} <= set(cfg.callbacks)
+    assert list(cfg.callbacks).index("ema") < list(cfg.callbacks).index("bn_statistics")
+    for name in options("callbacks"):
+        validate_config(make_cfg(f"callbacks={name}", tiny=False))
+    from galaxy_lightning.callbacks import LineProgressBar, progress_bar
+
+    assert isinstance(progress_bar(7), LineProgressBar)  # pytest's stdout is not a terminal
+
+
+def test_tags_and_the_local_config_group(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("tags=[baseline,dr5]", tiny=False)
+    assert list(cfg.tags) == ["baseline", "dr5"] and list(cfg.callbacks.run_artifacts.tags) == list(cfg.tags)
+    assert "local" not in cfg  # optional: absent until a conf/local/default.yaml exists
+    assert (ROOT / "conf" / "local").is_dir() and "/conf/local/*.yaml" in (ROOT / ".gitignore").read_text()

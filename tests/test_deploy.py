@@ -159,15 +159,20 @@ def test_prediction_applies_the_training_crop(trained: tuple, tmp_path: Path) ->
     np.testing.assert_allclose([float(row[f"p_{n}"]) for n in module.class_names], expected, atol=1e-5)
 
 
-def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tta", [False, True])
+def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path, tta: bool) -> None:
+    import warnings
+
     ckpt = trained[0]
-    module = load_classifier(ckpt)
-    written = export(ckpt, tmp_path / "export")
-    batch = example_input(module, batch=5)
+    module = load_classifier(ckpt).set_inference(tta=tta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated exporter on the way
+        written = export(ckpt, tmp_path / "export", tta=tta)
+    batch = example_input(module, batch=5)  # another batch size than the one exported with
     expected = module.probabilities(batch).numpy()
-    scripted = torch.jit.load(str(written["torchscript"]))
+    program = torch.export.load(str(written["pt2"])).module()
     with torch.no_grad():
-        np.testing.assert_allclose(scripted(batch).numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(program(batch).numpy(), expected, atol=1e-5)
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
@@ -176,7 +181,9 @@ def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path) -> No
     assert np.allclose(exportable(module)(batch).detach().numpy(), expected, atol=1e-6)
     meta = json.loads((tmp_path / "export" / "model.json").read_text())
     assert meta["class_names"] == module.class_names and meta["input"]["layout"] == "NHWC"
-    assert InputSpec.from_dict(meta["input_spec"]) == module.spec
+    assert InputSpec.from_dict(meta["input_spec"]) == module.spec and meta["inference"]["tta"] is tta
+    with pytest.raises(ConfigError, match="TorchScript is deprecated"):
+        export(ckpt, tmp_path / "ts", formats=("torchscript",))
 
 
 def test_train_false_tests_the_given_checkpoint(trained: tuple, make_cfg) -> None:  # noqa: ANN001
@@ -220,8 +227,8 @@ def test_version_1_checkpoints_evaluate_and_predict_as_before(version_1: tuple, 
     np.testing.assert_allclose(probs, expected["probabilities_first_8_test_images"], atol=1e-6)
     probs = module.set_inference(tta=True).probabilities(test.images[:8])
     np.testing.assert_allclose(probs, expected["probabilities_first_8_test_images_tta"], atol=1e-6)
-    written = export(ckpt, tmp_path / "export", formats=("torchscript",))
-    assert written["torchscript"].is_file()
+    written = export(ckpt, tmp_path / "export", formats=("pt2",))
+    assert written["pt2"].is_file()
 
 
 def test_version_1_checkpoints_are_not_resumed(version_1: tuple, make_cfg) -> None:  # noqa: ANN001

@@ -133,3 +133,32 @@ def test_sweep_table_groups_seeds_and_folds() -> None:
     table = markdown_table(groups)
     assert "| experiment=a | 100 | 2.0 | 72.0% ± 2.8 [46.6-97.4] | 0.030 ± 0.014 [-0.097-0.157] |" in table
     assert "| experiment=b | 100 | 2.0 | 92.0% ± 2.0 [87.0-97.0] |" in table
+
+
+def test_an_interrupted_optuna_search_continues_in_its_sweep_directory(tmp_path: Path,
+                                                                      data_dir: Path) -> None:
+    import optuna
+
+    sweep = tmp_path / "optuna"
+    args = ("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2")
+    multirun(*args, sweep_dir=sweep, data_dir=data_dir)
+    multirun(*args, sweep_dir=sweep, data_dir=data_dir)  # the same command again: continues
+    study = optuna.load_study(study_name="galaxy_lightning", storage=f"sqlite:///{sweep}/optuna.db")
+    assert len(study.trials) == 4 and all(t.value is not None for t in study.trials)
+    rows = summary(sweep)
+    assert len(rows) == 4 and len({r["run_dir"] for r in rows}) == 4  # no job overwrote another
+    assert max(float(r["val/acc_best"]) for r in rows) == pytest.approx(study.best_value)
+
+
+def test_sweeps_started_together_never_share_a_directory(tmp_path: Path, data_dir: Path) -> None:
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=1,2", "logger=none",
+               f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}", "print_config=false"]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+                 for _ in range(2)]
+    for p in processes:
+        assert p.wait(timeout=900) == 0, p.stderr.read()[-3000:]
+    sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 2
+    for sweep in sweeps:  # each summary holds its own two jobs, never the other sweep's
+        rows = summary(sweep)
+        assert len(rows) == 2 and all(Path(r["run_dir"]).parent == sweep for r in rows)

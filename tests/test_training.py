@@ -343,12 +343,12 @@ def test_quickstart_trains_well_above_chance_and_writes_every_output(tmp_path: P
 
 
 @pytest.mark.slow
-def test_ddp_with_two_cpu_processes(tmp_path: Path, data_dir: Path) -> None:
+def test_ddp_simulated_with_two_cpu_processes(tmp_path: Path, data_dir: Path) -> None:
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *TINY, "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"],
+        [sys.executable, str(ROOT / "train.py"), *TINY, "trainer=ddp_sim",
+         f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())

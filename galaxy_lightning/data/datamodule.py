@@ -226,7 +226,7 @@ class GalaxyDataModule(L.LightningDataModule):
                  eval_batch_size: int = 1000, splits: Sequence[float] = (10000, 1600, 1000),
                  split_seed: int = 0, shuffle_seed: int = 0, augment: str | Sequence[str] = (),
                  max_shift: float = 2.0, folds: int | None = None, fold: int = 0,
-                 soft_targets: bool = False, test_only: bool = False,
+                 soft_targets: bool = False, overfit_batches: int = 0, test_only: bool = False,
                  device_resident: bool = False) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -247,6 +247,10 @@ class GalaxyDataModule(L.LightningDataModule):
         self.folds = folds
         self.fold = fold
         self.soft_targets = soft_targets
+        if not isinstance(overfit_batches, int) or overfit_batches < 0:
+            raise ConfigError(f"overfit_batches={overfit_batches} must be 0 (off) or a number of "
+                              "batches")
+        self.overfit_batches = overfit_batches
         self.test_only = test_only
         self.device_resident = device_resident
         self._path: Path | None = None
@@ -340,6 +344,19 @@ class GalaxyDataModule(L.LightningDataModule):
                           generator=_own_generator())
 
     def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.overfit_batches:
+            raise ConfigError("trainer.overfit_batches replaces the data loader's sampler, which "
+                              "this DataModule's whole-batch sampler does not allow; use "
+                              "debug=overfit or data.overfit_batches=N")
+        if self.overfit_batches:  # the same first batches, in the same order, every epoch
+            train = self.split("train")
+            n = min(len(train), self.overfit_batches * self.batch_size)
+            subset = TensorBatches(train.images[:n], train.labels[:n],
+                                   train.targets[:n] if train.targets is not None else None)
+            sampler = EpochBatchSampler(n, self.batch_size, shuffle=False, drop_last=True)
+            return DataLoader(subset, sampler=sampler, batch_size=None, num_workers=0,
+                              generator=_own_generator())
         return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
