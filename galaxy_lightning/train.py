@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.experimental.callback import Callback
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from galaxy_lightning.config import validate_config
 from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.models import BNCNN, ResNet, TutorialCNN
 from galaxy_lightning.module import GalaxyClassifier
-from galaxy_lightning.config import validate_config
 from galaxy_lightning.train import build
 
 MODEL = {"_target_": "galaxy_lightning.models.TutorialCNN", "channels": [4, 5, 6, 7], "pool": "avg"}
