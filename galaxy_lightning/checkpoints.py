@@ -100,9 +100,21 @@ def load_classifier(path: str | Path) -> GalaxyClassifier:
     return module.set_inference(**inference).eval()
 
 
+def read_resumable(path: str | Path) -> dict[str, Any]:
+    """:func:`read_checkpoint` for a checkpoint a run resumes or tests: an unreadable one is
+    refused with the newest readable checkpoint beside it named, so the user knows what to pass."""
+    path = Path(path)
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as err:
+        good = newest_readable(path.parent, exclude=path) if path.parent.is_dir() else None
+        hint = f"; the newest readable checkpoint there is {good}: ckpt_path={good}" if good else ""
+        raise CheckpointError(f"{err}{hint}") from None
+
+
 def refuse_resume_of_old_format(path: str | Path) -> None:
     """Resuming rebuilds optimizer and loop states that format 1 laid out differently."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_resumable(path)
     if checkpoint_format(checkpoint) < CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: written by an older galaxy_lightning (checkpoint format "
                               f"{checkpoint_format(checkpoint)}); it can be evaluated, exported, "
@@ -164,12 +176,7 @@ def check_resume(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]:
     readable (else the newest readable checkpoint beside it is named), the current format, and
     the same network (model config) for the same data (input spec)."""
     path = Path(path)
-    try:
-        checkpoint = read_checkpoint(path)
-    except CheckpointError as err:
-        good = newest_readable(path.parent, exclude=path) if path.parent.is_dir() else None
-        hint = f"; the newest readable checkpoint there is {good}: ckpt_path={good}" if good else ""
-        raise CheckpointError(f"{err}{hint}") from None
+    checkpoint = read_resumable(path)
     saved = checkpoint["hyper_parameters"]
     if checkpoint_format(checkpoint) >= CHECKPOINT_FORMAT:
         for key, what in (("model", "model"), ("input_spec", "data (classes, channels, image size)")):

@@ -124,6 +124,7 @@ def test_resume_continues_a_killed_run_to_the_same_end(make_cfg: Callable[..., D
     reference = json.loads((Path(whole.paths.output_dir) / "metrics.json").read_text())
 
     killed = make_cfg(run="killed")
+    L.seed_everything(killed.seed, workers=True, verbose=False)  # as train() does before build()
     datamodule, module, trainer = build(killed)
     trainer.callbacks.append(_Crash())
     with pytest.raises(RuntimeError, match="simulated kill"):
@@ -140,8 +141,10 @@ def test_resume_continues_a_killed_run_to_the_same_end(make_cfg: Callable[..., D
     assert result["history"]["val_step"] == reference["history"]["val_step"] == [10, 20]
     assert result["history"]["val_acc"][0] == reference["history"]["val_acc"][0]
     assert result["history"]["train_acc"][0] == reference["history"]["train_acc"][0]
-    assert 0.0 <= result["test/acc"] <= 1.0
     assert metrics["val/acc_best"] == pytest.approx(max(result["history"]["val_acc"]))
+    # and it ends where the uninterrupted run ended (exact resume)
+    for key in ("test/acc", "test/confusion_matrix", "val/acc_best", "best_step"):
+        assert result[key] == reference[key], key
 
 
 # -- schedules, test-time augmentation, calibration, recipes ----------------------------------
