@@ -82,18 +82,50 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_result(reference: tuple,
     assert (tmp_path / "resumed" / "resumed_from.txt").read_text().strip() == str(last.resolve())
 
 
+#: Validation (and so last.ckpt) at every epoch's last batch: 7 batches per epoch.
+EPOCH_ALIGNED = ["trainer.val_check_interval=7"]
+
+
+@pytest.fixture(scope="module")
+def reference_epoch_aligned(reference: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    run = tmp_path_factory.mktemp("aligned") / "whole"
+    done = galaxy_train(*EPOCH_ALIGNED, run=run, data_dir=reference[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return results(run)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name, code", [("sigint", 130), ("sigterm", 143)])
+@pytest.mark.parametrize("moment, step", [("train", 15), ("validate", 21)])
+def test_a_run_killed_after_an_epoch_end_checkpoint_resumes_to_the_same_result(
+        reference: tuple, reference_epoch_aligned: dict, tmp_path: Path, moment: str, step: int) -> None:
+    """last.ckpt written by the validation at an epoch's last batch (steps 14, 21 is killed): the
+    resumed run must begin the next epoch with its first batch."""
+    killed = galaxy_train(*EPOCH_ALIGNED, "+callbacks.fault._target_=tests.faults.KillAt",
+                          f"+callbacks.fault.moment={moment}", f"+callbacks.fault.step={step}",
+                          run=tmp_path / "killed", data_dir=reference[1])
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    resumed = galaxy_train(*EPOCH_ALIGNED, f"ckpt_path={last}", run=tmp_path / "resumed",
+                           data_dir=reference[1])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert results(tmp_path / "resumed") == reference_epoch_aligned
+
+
+@pytest.mark.slow
+# Step 14 is the last batch of an epoch (7 batches per epoch): the stop then lands after the
+# epoch is counted as complete, and the resumed run must start the next epoch, not an empty one.
+@pytest.mark.parametrize("signal_name, step, code", [("sigint", 13, 130), ("sigterm", 13, 143),
+                                                    ("sigterm", 14, 143)])
 def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(reference: tuple, tmp_path: Path,
-                                                      signal_name: str, code: int) -> None:
+                                                      signal_name: str, step: int, code: int) -> None:
     expected, data_dir = reference
     stopped = galaxy_train("+callbacks.fault._target_=tests.faults.KillAt",
-                           f"+callbacks.fault.moment={signal_name}", "+callbacks.fault.step=13",
+                           f"+callbacks.fault.moment={signal_name}", f"+callbacks.fault.step={step}",
                            run=tmp_path / "stopped", data_dir=data_dir)
     assert stopped.returncode == code, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     line = next(l for l in stopped.stdout.splitlines() if "resume with:" in l)
-    assert f"at step 13: saved {last}" in line and f"ckpt_path={last}" in line
+    assert f"at step {step}: saved {last}" in line and f"ckpt_path={last}" in line
     assert "Traceback" not in stopped.stderr
     assert (tmp_path / "stopped" / "accuracy_curve.png").is_file()  # the outputs it could write
     resumed = galaxy_train(f"ckpt_path={last}", run=tmp_path / "resumed", data_dir=data_dir)

@@ -83,6 +83,10 @@ class EpochBatchSampler:
         return -(-mine // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        # A generator: the order is drawn at the first batch, not when the loader creates its
+        # iterator. Lightning creates that iterator on resume before it calls set_epoch, so an
+        # eager order would be the previous epoch's (a run stopped at an epoch's last batch
+        # would resume into an empty epoch and then train on the wrong permutation).
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.num_items, generator=gen)
@@ -100,7 +104,7 @@ class EpochBatchSampler:
         if self._resume is not None and self._resume[0] == self.epoch:
             batches = batches[self._resume[1]:]
         self._resume = None
-        return iter(batches)
+        yield from batches
 
 
 def _own_generator() -> torch.Generator:
