@@ -11,6 +11,7 @@ Lightning stores in every checkpoint, so a resumed run still plots the whole cur
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -21,7 +22,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from matplotlib.figure import Figure
 
@@ -91,6 +92,15 @@ def log_image(loggers: list[Logger], tag: str, image: np.ndarray, step: int) -> 
                 break
 
 
+def largest_drop(steps: list[int], accuracies: list[float], after_step: int = 0) -> float | None:
+    """The largest fall of validation accuracy from one check to the next, over consecutive
+    checks at or after ``after_step`` (the end of the learning-rate warm-up); 0 for a curve that
+    never falls, None with fewer than two such checks. A stable run falls by a few test images at
+    most; large falls mean that the checkpoint choice is partly noise."""
+    pairs = [(a, b) for s, a, b in zip(steps, accuracies, accuracies[1:]) if s >= after_step]
+    return max(0.0, *(a - b for a, b in pairs)) if pairs else None
+
+
 class RunArtifacts(L.Callback):
     """Writes ``examples.png``, ``accuracy_curve.png``, ``confusion_matrix.png``,
     ``reliability_diagram.png`` and ``metrics.json``, and logs each figure to the loggers."""
@@ -104,6 +114,7 @@ class RunArtifacts(L.Callback):
                                                 "val_step": [], "val_acc": []}
         self._fit_start: float | None = None
         self.fit_seconds: float | None = None
+        self.warmup_steps = 0
         # the most confident test mistakes per true class: (confidence, test row, predicted class)
         self._mistakes: dict[int, list[tuple[float, int, int]]] = {}
 
@@ -130,6 +141,8 @@ class RunArtifacts(L.Callback):
     # -- hooks -------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        self.warmup_steps = max([int(getattr(c.scheduler, "warmup_steps", 0))
+                                 for c in trainer.lr_scheduler_configs], default=0)
         if not trainer.is_global_zero or trainer.datamodule is None:
             return
         images, labels = trainer.datamodule.examples(self.examples_per_class)
@@ -229,6 +242,9 @@ class RunArtifacts(L.Callback):
             "test/confusion_matrix": confusion.tolist(),
             "test/reliability": {"count": count, "confidence": confidence, "correct": correct},
             "val/acc_best": max(h["val_acc"]) if h["val_acc"] else None,
+            # stability: the largest fall of val/acc between consecutive checks after warm-up
+            "val/acc_largest_drop": largest_drop(h["val_step"], h["val_acc"], self.warmup_steps),
+            "warmup_steps": self.warmup_steps,
             "best_step": self.best_step,
             "global_step": trainer.global_step,
             "class_names": list(pl_module.class_names),
@@ -368,6 +384,40 @@ class BatchNormStatistics(L.Callback):
         pl_module.train(was_training)
 
 
+class WeightAverage(EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging``, with an average that is the current weights until it
+    has started (``update_starting_at_step``).
+
+    Lightning's callback copies the initial weights when fit begins and swaps that copy in for
+    every validation, checkpoint and the end of training, whether or not averaging has begun: a
+    validation before the start would judge the random initial weights (and could be checkpointed
+    as them), and a run shorter than the start would end with its initial weights. Here an
+    average that has not started follows the current weights, so everything before the start
+    behaves as without averaging."""
+
+    def _follow_until_started(self, pl_module: L.LightningModule) -> None:
+        average = self._average_model
+        if average is None or int(average.n_averaged) > 0:
+            return
+        for mine, current in zip(itertools.chain(average.module.parameters(), average.module.buffers()),
+                                 itertools.chain(pl_module.parameters(), pl_module.buffers())):
+            mine.data.copy_(current.data)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow_until_started(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # (called after validation has swapped the current weights back, and by GracefulStop)
+        self._follow_until_started(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow_until_started(pl_module)
+        super().on_train_end(trainer, pl_module)
+
+
 class RandomStates(L.Callback):
     """Saves the process's random states (torch, numpy, Python) in every checkpoint and restores
     them on resume, so that dropout and everything else random continue exactly as in the run
@@ -445,6 +495,7 @@ class GracefulStop(L.Callback):
                 or trainer.global_step == 0:
             return
         path = self.dirpath / "last.ckpt"
+        self._at_next_epoch_start(trainer)
         trainer.save_checkpoint(path)
         self.saved = path
         for callback in trainer.callbacks:
@@ -454,6 +505,22 @@ class GracefulStop(L.Callback):
             what = "Ctrl-C" if self.exit_code == 130 else "SIGTERM"
             print(f"\n{what} at step {trainer.global_step}: saved {path}; resume with: "
                   f"{self.resume_command} ckpt_path={path}", flush=True)
+
+    @staticmethod
+    def _at_next_epoch_start(trainer: L.Trainer) -> None:
+        """A stop after an epoch's last batch lands once the epoch is counted complete, but before
+        the next epoch resets its batch counters; Lightning, resuming from that state, would
+        count the next epoch as already 7 batches in and end it after one. Reset the counters as
+        the next epoch's start does, so the checkpoint says: epoch done, next one not begun."""
+        fit_loop = trainer.fit_loop
+        epoch_loop = fit_loop.epoch_loop
+        epochs = fit_loop.epoch_progress.current
+        if epochs.completed == epochs.ready and \
+                epoch_loop.batch_progress.current.completed >= trainer.num_training_batches:
+            epoch_loop.batch_progress.reset_on_run()
+            epoch_loop.scheduler_progress.reset_on_run()
+            epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+            epoch_loop.val_loop.batch_progress.total.reset()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handler()

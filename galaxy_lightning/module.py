@@ -21,7 +21,8 @@ Metrics, logged under one name each (the same names appear in ``metrics.json``):
 ``train/loss``, ``train/acc`` (over the batches since the previous validation, as the tutorial
 measured it), ``train/lr`` (by Lightning's ``LearningRateMonitor``), and per evaluation split
 ``{val,test}/loss``, ``/acc``, ``/ece`` (expected calibration error, 15 bins),
-``/acc_class/<class>``, plus ``val/acc_best``, and with a calibrated model
+``/acc_class/<class>``, ``/ece_floor`` (the ECE a perfectly calibrated model would show on as
+many images: :func:`ece_floor`), plus ``val/acc_best``, and with a calibrated model
 ``test/ece_uncalibrated`` (the ECE before temperature scaling). Non-scalar results (confusion
 matrix, reliability bins) are kept in :attr:`GalaxyClassifier.summaries` for the figure
 callback; ``test_step`` returns each batch's probabilities for it (the gallery of mistakes).
@@ -85,6 +86,29 @@ class ReliabilityBins(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.bins
+
+
+def ece_floor(reliability: torch.Tensor) -> torch.Tensor:
+    """The expected calibration error that a *perfectly* calibrated model with these confidences
+    would show on this many images, from counting noise alone: in each confidence bin of ``n``
+    predictions with mean confidence ``c``, the number correct is then Binomial(n, c), and the
+    bin adds E|X/n - c| weighted by its share of the images (computed exactly from the binomial
+    distribution). On a few hundred images this floor is several hundredths, so a measured ECE
+    is only evidence of miscalibration by how far it exceeds the floor."""
+    count, confidence = reliability[0].double(), reliability[1].double()
+    total = count.sum()
+    floor = torch.zeros((), dtype=torch.float64)
+    for n, c in zip(count.tolist(), confidence.tolist()):
+        if n < 1:
+            continue
+        n = int(n)
+        p = min(max(c / n, 0.0), 1.0)
+        x = torch.arange(n + 1, dtype=torch.float64)
+        if p in (0.0, 1.0):
+            continue  # a certain outcome has no counting noise
+        pmf = torch.distributions.Binomial(n, torch.tensor(p, dtype=torch.float64)).log_prob(x).exp()
+        floor += n / total * (pmf * (x / n - p).abs()).sum()
+    return floor.float()
 
 
 def evaluation_metrics(class_names: list[str]) -> MetricCollection:
@@ -255,6 +279,7 @@ class GalaxyClassifier(L.LightningModule):
         metrics.reset()
         loss.reset()
         self.summaries[stage] = {name: results.pop(f"{stage}/{name}") for name in SUMMARIES}
+        results[f"{stage}/ece_floor"] = ece_floor(self.summaries[stage]["reliability"])
         return results
 
     def on_validation_epoch_end(self) -> None:

@@ -39,4 +39,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, factor)
+    scheduler = LambdaLR(optimizer, factor)
+    scheduler.warmup_steps = warmup_steps  # read by the run's stability figure (RunArtifacts)
+    return scheduler
