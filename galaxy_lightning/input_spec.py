@@ -10,8 +10,9 @@ pixels into model input through the same two pieces of code:
 - :class:`Preprocess`: uint8 ``(N, H, W, C)`` -> float ``(N, C, H, W)`` in channels-last memory,
   scaled; the one implementation of the conversion, also inside exported models.
 
-``stretch`` records how floating-point survey pixels (FITS) were mapped to uint8, so that new
-images are stretched exactly as the training images were.
+``stretch`` records how floating-point survey pixels (FITS) were mapped to uint8 and ``fits``
+how they were read (the HDU, the NaN fill), so that new images are read and stretched exactly as
+the training images were.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from galaxy_lightning.errors import ConfigError
 
 #: The tutorial's pixel scaling: uint8 / 256.
 DEFAULT_SCALE = 1.0 / 256.0
+#: How FITS files were read: the HDU (number or name) and the NaN policy (data/images.py).
+FITS_READING_KEYS = ("hdu", "nan")
 
 
 class SizeMismatch(ConfigError):
@@ -57,7 +60,8 @@ class InputSpec:
     ``crop`` and ``resize`` are the geometry applied to source images (center crop to ``crop``
     pixels, then resize to ``resize``); ``image_size`` is the side of the square the network sees.
     ``scale`` multiplies uint8 pixels. ``stretch`` (optional) says how floating-point pixels were
-    mapped to uint8; ``display`` (optional) how to show the uint8 pixels to a person.
+    mapped to uint8, ``fits`` (optional, ``{"hdu": 0, "nan": "median"}``) how FITS files were read;
+    ``display`` (optional) how to show the uint8 pixels to a person.
     """
 
     class_names: tuple[str, ...]
@@ -68,6 +72,7 @@ class InputSpec:
     scale: float = DEFAULT_SCALE
     stretch: dict[str, Any] | None = None
     display: dict[str, Any] | None = field(default=None)
+    fits: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
@@ -84,6 +89,8 @@ class InputSpec:
                               f"{self.image_size}")
         if not self.scale > 0:
             raise ConfigError(f"scale={self.scale} must be positive")
+        if self.fits is not None and set(self.fits) - set(FITS_READING_KEYS):
+            raise ConfigError(f"input spec fits={self.fits}: takes only {list(FITS_READING_KEYS)}")
 
     @property
     def num_classes(self) -> int:
@@ -91,13 +98,19 @@ class InputSpec:
 
     # -- serialisation (checkpoint hyperparameters, the prepared file's header, model.json) -------
     def to_dict(self) -> dict[str, Any]:
-        """Primitives only (lists, not tuples), so checkpoints load with ``weights_only``."""
+        """Primitives only (lists, not tuples), so checkpoints load with ``weights_only``.
+
+        ``fits`` is left out when there is none, so a spec without FITS reading is the same dict
+        as before the field existed (resuming compares the checkpoint's spec with the data's)."""
         out = dataclasses.asdict(self)
         out["class_names"] = list(self.class_names)
+        if out["fits"] is None:
+            del out["fits"]
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputSpec:
+        """The spec of :meth:`to_dict`; fields it lacks (written by older versions) default."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -109,22 +122,24 @@ class InputSpec:
         return dataclasses.replace(self, **changes)
 
     # -- geometry ----------------------------------------------------------------------------------
-    def conform(self, images: np.ndarray, allow_resize: bool = False) -> np.ndarray:
+    def conform(self, images: np.ndarray, allow_resize: bool = False,
+                adapt_channels: bool = True) -> np.ndarray:
         """Source images (n, H, W[, C]) uint8 -> (n, S, S, C) as training saw them.
 
-        Channels: grayscale is repeated for a colour model and an alpha channel is dropped; any
-        other mismatch is refused. Geometry: images already S x S pass unchanged; larger ones get
-        the training geometry, the center crop, then the resize (e.g. Galaxy10 DECaLS 256 -> 96).
-        Any other size is refused with :class:`ConfigError` unless ``allow_resize``, which
+        Channels: with ``adapt_channels`` (8-bit displays: PNG/JPEG, uint8 arrays) grayscale is
+        repeated for a colour model and an alpha channel is dropped; without it (FITS bands, which
+        are measurements, not a display) and for any other mismatch, refused. Geometry: images
+        already S x S pass unchanged; larger ones get the training geometry, the center crop,
+        then the resize (e.g. Galaxy10 DECaLS 256 -> 96). Any other size is refused with :class:`ConfigError` unless ``allow_resize``, which
         center-crops the largest square and resizes it to S.
         """
         if images.ndim == 3:
             images = images[..., None]
         c = images.shape[-1]
         if c != self.channels:
-            if c == 1 and self.channels == 3:
+            if adapt_channels and c == 1 and self.channels == 3:
                 images = np.repeat(images, 3, axis=-1)
-            elif c == 4 and self.channels == 3:
+            elif adapt_channels and c == 4 and self.channels == 3:
                 images = images[..., :3]
             else:
                 raise ConfigError(f"has {c} channels; the model takes {self.channels}")

@@ -113,17 +113,41 @@ def display_image(image: np.ndarray, display: Mapping[str, Any] | None = None) -
     return np.rint(np.ma.getdata(norm(image.astype(np.float64))) * 255).astype(np.uint8)
 
 
+def display_bands(channels: int) -> tuple[tuple[int, ...], str | None]:
+    """Which channels of a C-channel image a figure shows, and a caption saying so.
+
+    1 (grey) and 3 (red, green, blue in stored order) are shown as they are. Survey data can have
+    any number of bands, and imshow takes only 1, 3 or 4 (as RGBA, which would make a 4th band
+    transparency): 2 bands show the first in grey; 4 or more a composite of the first, middle and
+    last band as red, green and blue, the same order as a 3-band image."""
+    if channels in (1, 3):
+        return tuple(range(channels)), None
+    if channels == 2:
+        return (0,), "band 1 of 2 shown in grey"
+    bands = (0, channels // 2, channels - 1)
+    return bands, (f"bands {', '.join(str(b + 1) for b in bands)} of {channels} shown as red, "
+                   "green, blue")
+
+
 def _show(ax: Any, image: np.ndarray, display: Mapping[str, Any] | None) -> None:
-    img = display_image(image, display)
-    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+    bands, _ = display_bands(image.shape[-1])
+    img = display_image(image[..., list(bands)], display)
+    if img.shape[-1] == 1:  # grey as stored, not rescaled to each image's own range
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(img)
 
 
 def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                       per_class: int = 8, display: Mapping[str, Any] | None = None) -> Figure:
-    """One row per class with up to ``per_class`` uint8 NHWC example images."""
+    """One row per class with up to ``per_class`` uint8 NHWC example images (any number of
+    channels, see :func:`display_bands`)."""
     k = len(class_names)
     fig, axes = plt.subplots(k, per_class, figsize=(1.2 * per_class + 1.6, 1.25 * k),
                              squeeze=False, layout="constrained")
+    caption = display_bands(np.shape(images)[-1])[1]
+    if caption:
+        fig.suptitle(caption, fontsize=8)
     for c in range(k):
         idx = np.flatnonzero(np.asarray(labels) == c)[:per_class]
         for j in range(per_class):
@@ -141,7 +165,8 @@ def mistakes_figure(images: np.ndarray, true: Sequence[int], predicted: Sequence
                     class_names: Sequence[str], per_class: int = 8,
                     display: Mapping[str, Any] | None = None) -> Figure:
     """One row per true class: its most confident wrong predictions, each titled with the
-    predicted class, the confidence and (when the data has one) the object's id."""
+    predicted class, the confidence and (when the data has one) the object's id (any number of
+    channels, see :func:`display_bands`)."""
     rows = sorted(set(true))
     fig, axes = plt.subplots(max(1, len(rows)), per_class,
                              figsize=(1.5 * per_class + 1.8, 1.75 * max(1, len(rows))),
@@ -159,7 +184,9 @@ def mistakes_figure(images: np.ndarray, true: Sequence[int], predicted: Sequence
             ax.set_title(title, fontsize=6)
         axes[r, 0].text(-0.08, 0.5, f"true: {class_names[label]}", transform=axes[r, 0].transAxes,
                         ha="right", va="center", fontsize=8)
-    fig.suptitle("Most confident test mistakes (predicted class, confidence)", fontsize=9)
+    caption = display_bands(np.shape(images)[-1])[1]
+    fig.suptitle("Most confident test mistakes (predicted class, confidence)"
+                 + (f"; {caption}" if caption else ""), fontsize=9)
     return fig
 
 

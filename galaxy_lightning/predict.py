@@ -7,10 +7,11 @@ columns name the files. For a checkpoint trained with ``data=catalog`` the catal
 default to the training ones, so ``--catalog new.csv --image-root cutouts/`` is enough.
 
 The checkpoint's input spec says how training saw its images, and prediction repeats it: the
-FITS stretch, the source crop (e.g. 256 -> 96 for Galaxy10 DECaLS) and resize, the channel count,
-the pixel scale, the class names, and the run's inference options (test-time augmentation,
-temperature). An image of another size is refused unless ``--resize`` asks to center-crop and
-resize it. Unreadable files are reported and skipped. The CSV has one row per image: the
+FITS HDU, NaN fill and stretch, the source crop (e.g. 256 -> 96 for Galaxy10 DECaLS) and resize,
+the channel count, the pixel scale, the class names, and the run's inference options (test-time
+augmentation, temperature). An image of another size is refused unless ``--resize`` asks to
+center-crop and resize it; FITS files with other bands than the model's are refused. Unreadable
+or refused files are reported and skipped. The CSV has one row per image: the
 object's id, ra and dec when the input has them, the file, the predicted class and the
 probability of every class, so it joins back onto the user's catalog.
 """
@@ -32,7 +33,7 @@ from galaxy_lightning.checkpoints import load_classifier
 from galaxy_lightning.data.catalog import _as_str, _column, read_table, resolve_image_paths
 from galaxy_lightning.data.images import FITS_SUFFIXES, RASTER_SUFFIXES, ImageReader, read_images
 from galaxy_lightning.errors import ConfigError, DataError, cli_boundary
-from galaxy_lightning.input_spec import SizeMismatch
+from galaxy_lightning.input_spec import InputSpec, SizeMismatch
 from galaxy_lightning.module import GalaxyClassifier
 
 IMAGE_SUFFIXES = set(RASTER_SUFFIXES) | set(FITS_SUFFIXES)
@@ -53,9 +54,7 @@ class CatalogInput:
 
     def with_training_defaults(self, module: GalaxyClassifier) -> CatalogInput:
         """Options left unset take the values the checkpoint was trained with (data=catalog)."""
-        source = (module.hparams.get("data") or {}).get("source") or {}
-        if not str(source.get("_target_", "")).endswith("CatalogSource"):
-            source = {}
+        source = training_catalog(module)
         out = CatalogInput(self.catalog, self.image_root)
         for key in ("image_columns", "match", "id_column", "ra_column", "dec_column"):
             setattr(out, key, getattr(self, key) or source.get(key))
@@ -64,6 +63,25 @@ class CatalogInput:
             raise ConfigError("--image-columns is needed: the checkpoint was not trained on a "
                               "catalog, so it does not know which column names the files")
         return out
+
+
+def training_catalog(module: GalaxyClassifier) -> dict[str, Any]:
+    """The catalog source config the checkpoint was trained with ({} for other data)."""
+    source = (module.hparams.get("data") or {}).get("source") or {}
+    return dict(source) if str(source.get("_target_", "")).endswith("CatalogSource") else {}
+
+
+def prediction_spec(module: GalaxyClassifier) -> InputSpec:
+    """The checkpoint's input spec; for FITS models whose spec predates recording the HDU and the
+    NaN policy, those of the training catalog config, so that new files are read as training
+    read its files."""
+    spec = module.spec
+    if spec.fits is None and spec.stretch is not None:
+        source = training_catalog(module)
+        if source:
+            spec = spec.replace(fits={"hdu": source.get("fits_hdu", 0),
+                                      "nan": source.get("nan", "median")})
+    return spec
 
 
 def _is_image(path: Path) -> bool:
@@ -138,9 +156,8 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
     from tqdm.auto import tqdm
 
     module = load_classifier(checkpoint).set_inference(tta=tta, calibrated=calibrated)
-    spec = module.spec
-    reader = ImageReader(channels=spec.channels, stretch=spec.stretch, spec=spec,
-                         allow_resize=allow_resize)
+    spec = prediction_spec(module)
+    reader = ImageReader.for_spec(spec, allow_resize)
     jobs, skipped = file_jobs(inputs)
     job_columns: dict[str, np.ndarray] = {}
     if catalog is not None:

@@ -15,7 +15,7 @@ from astropy.io import fits
 from astropy.table import Table
 from omegaconf import DictConfig
 
-from galaxy_lightning.data.catalog import CatalogSource, labels_from_votes, read_table
+from galaxy_lightning.data.catalog import CatalogSource, _column, labels_from_votes, read_table
 from galaxy_lightning.data.images import (
     DEFAULT_STRETCH,
     check_stretch,
@@ -312,3 +312,93 @@ def test_unresolved_paths_can_be_skipped_and_are_reported(tmp_path: Path,
 
 def test_fits_defaults_are_complete() -> None:
     assert set(check_stretch({})) == set(DEFAULT_STRETCH)
+
+
+# -- Parquet nulls, fixed limits from a sample, 16-bit PNGs ----------------------------------------
+def test_parquet_nulls_are_blank_cells_as_in_a_csv(tmp_path: Path) -> None:
+    """A null in a Parquet catalog is what a blank CSV cell is: a missing label, id or number,
+    never the text "None"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    catalog = write_fits_set(tmp_path / "cutouts", "single")
+    rows = list(csv.DictReader(open(catalog)))
+    blank = {"label": (1, 4), "objid": (6,), "ra": (7,), "klass": (2,)}
+    for i, row in enumerate(rows):
+        row["klass"] = str(i % 2)
+        for column, where in blank.items():
+            if i in where:
+                row[column] = ""
+    with open(tmp_path / "cutouts" / "blanks.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.table({
+        "objid": pa.array([r["objid"] or None for r in rows], pa.string()),
+        "label": pa.array([r["label"] or None for r in rows], pa.string()),
+        "ra": pa.array([float(r["ra"]) if r["ra"] else None for r in rows], pa.float64()),
+        "dec": pa.array([float(r["dec"]) for r in rows], pa.float64()),
+        "klass": pa.array([int(r["klass"]) if r["klass"] else None for r in rows], pa.int64()),
+    }), tmp_path / "cutouts" / "blanks.parquet")
+    tables = {s: read_table(tmp_path / "cutouts" / f"blanks.{s}") for s in ("csv", "parquet")}
+    for name in ("objid", "label", "ra", "klass"):
+        from_csv, from_parquet = (_column(t, name, name, catalog) for t in tables.values())
+        np.testing.assert_array_equal(from_parquet, from_csv, err_msg=name)
+    assert "None" not in list(_column(tables["parquet"], "label", "label", catalog))
+    prepared = {}
+    for suffix in ("csv", "parquet"):
+        source = CatalogSource(str(tmp_path / "cutouts" / f"blanks.{suffix}"), ["{objid}.fits"],
+                               label_column="label", id_column="objid", crop=32, min_per_class=1,
+                               on_error="skip", prepared_name=f"{suffix}.h5")
+        prepared[suffix] = read_prepared(source.prepare(tmp_path / "prepared", progress=False))
+    a, b = prepared["csv"], prepared["parquet"]
+    assert a.info.class_names == b.info.class_names == ["disky", "round"]
+    assert a.labels.tolist() == b.labels.tolist() and len(a.labels) == 9  # 2 without a label, 1 without an id (no file)
+    assert list(a.columns["id"]) == list(b.columns["id"])
+    assert a.info.provenance["counts"] == b.info.provenance["counts"]
+    assert a.info.provenance["counts"]["dropped"]["empty_label"] == 2
+    numbers = CatalogSource(str(tmp_path / "cutouts" / "blanks.parquet"), ["{objid}.fits"],
+                            label_column="klass", crop=32, min_per_class=1, prepared_name="k.h5")
+    counts = read_prepared(numbers.prepare(tmp_path / "prepared", progress=False)).info.provenance
+    assert counts["counts"]["dropped"]["empty_label"] == 1
+
+
+def test_fixed_stretch_limits_come_from_a_seeded_sample_of_rows(tmp_path: Path) -> None:
+    """A catalog sorted by class: the first 64 rows are faint galaxies, the last 6 bright ones.
+    Limits from the first rows would saturate every bright galaxy; a random sample sees both."""
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(70):
+        level = 1.0 if i < 64 else 100.0
+        fits.PrimaryHDU((level + rng.normal(0, 0.1, (16, 16))).astype(np.float32)).writeto(
+            folder / f"obj{i}.fits")
+        rows.append({"objid": f"obj{i}", "label": "faint" if i < 64 else "bright"})
+    Table(rows=rows).write(folder / "catalog.csv")
+    stretch = {"kind": "linear", "per_image": False}
+
+    def prepared(name: str, seed: int = 0) -> object:
+        return read_prepared(CatalogSource(str(folder / "catalog.csv"), ["{objid}.fits"],
+                                           label_column="label", id_column="objid",
+                                           stretch=stretch, seed=seed, prepared_name=name)
+                             .prepare(tmp_path, progress=False))
+
+    first = prepared("a.h5")
+    vmax = first.info.spec.stretch["vmax"][0]
+    assert vmax > 50  # the bright class is inside the limits
+    bright = first.images[np.asarray(first.columns["id"]) == "obj66"]
+    assert 0 < bright.mean() < 255  # not saturated to white
+    assert prepared("b.h5").info.spec.stretch == first.info.spec.stretch  # same catalog and seed
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    expected = np.rint(values / 257).astype(np.uint8)
+    gray = read_image([tmp_path / "deep.png"])
+    assert gray.shape == (32, 32, 1) and np.array_equal(gray[..., 0], expected)
+    rgb = read_image([tmp_path / "deep.png"], channels=3)
+    assert rgb.shape == (32, 32, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))

@@ -12,7 +12,8 @@ FITS from the survey, one file per object or one per band. Preparation:
 3. select rows: classes to keep, duplicates by id or by sky position within a tolerance
    (astropy's coordinate matching), a split column, a seeded draw of images per class;
 4. resolve image paths under the image root(s), by relative path or by file name;
-5. read the images in worker processes, stretch FITS fluxes (recorded in the input spec), crop and
+5. read the images in worker processes, stretch FITS fluxes (the HDU, the NaN fill and the
+   stretch are recorded in the input spec, so prediction reads new files the same way), crop and
    resize, and stream them into the prepared file, so memory does not grow with the catalog. A
    missing or unreadable image is counted and reported, and skipped or fatal (``on_error``).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,11 @@ from galaxy_lightning.data.prepared import PreparedWriter, announce, file_lock, 
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.input_spec import InputSpec
 
-PREPARATION_VERSION = 1
+#: 2: the input spec records the FITS HDU and NaN policy; fixed stretch limits come from a seeded
+#: sample of rows; 16-bit PNGs are scaled, not clipped (files of version 1 are rebuilt).
+PREPARATION_VERSION = 2
+#: Images read to estimate fixed stretch limits (``stretch.per_image=false`` without vmin/vmax).
+LIMIT_SAMPLE = 64
 #: Split-column values understood as train / val / test.
 SPLIT_VALUES = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2,
                 "testing": 2, "0": 0, "1": 1, "2": 2}
@@ -69,12 +75,35 @@ def read_table(path: Path) -> Any:
             import pyarrow.parquet as pq
 
             arrow = pq.read_table(path)
-            return Table({name: arrow.column(name).to_numpy(zero_copy_only=False)
-                          for name in arrow.column_names})
+            return Table({name: _arrow_column(arrow.column(name)) for name in arrow.column_names})
         return Table.read(path, format=fmt)
     except (OSError, ValueError, TypeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: not a readable {fmt} table ({first[:200]})") from None
+
+
+def _arrow_column(chunked: Any) -> Any:
+    """A Parquet column as astropy reads the same column of a CSV: nulls masked, as blank cells
+    are (``to_numpy`` alone turns a null string into None, i.e. the text "None"), text as str."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from astropy.table import Column, MaskedColumn
+
+    kind = chunked.type
+    if pa.types.is_dictionary(kind):  # categorical columns (pandas): their values
+        chunked = chunked.cast(kind.value_type)
+        kind = kind.value_type
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    if chunked.null_count == 0:
+        values = chunked.to_numpy(zero_copy_only=False)
+        return Column(values.astype(str) if text else values)
+    mask = chunked.is_null().to_numpy(zero_copy_only=False)
+    fill: Any = ("" if text else b"" if pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                 else False if pa.types.is_boolean(kind)
+                 else 0 if pa.types.is_integer(kind) or pa.types.is_floating(kind) else None)
+    values = (chunked if fill is None else pc.fill_null(chunked, fill)).to_numpy(
+        zero_copy_only=False)
+    return MaskedColumn(values.astype(str) if text else values, mask=mask)
 
 
 def _columns_hint(table: Any) -> str:
@@ -389,20 +418,28 @@ class CatalogSource:
         return resolve_image_paths(table, path, roots, self.image_columns, self.match, rows)
 
     def _reader(self, paths: list[tuple[Path, ...]], catalog: Path) -> ImageReader:
-        """The image reader, with fixed stretch limits estimated now if asked for."""
+        """The image reader, with fixed stretch limits estimated now if asked for: from a seeded
+        random sample of the rows (the same for the same catalog and seed), not the first rows,
+        which in a catalog sorted by class would all be one class."""
         stretch = dict(self.stretch)
         fits = is_fits(paths[0][0])
         if fits and not stretch["per_image"] and stretch["interval"] != "manual" \
                 and stretch["vmin"] is None:
+            picked = np.sort(np.random.default_rng(self.seed).choice(
+                len(paths), min(LIMIT_SAMPLE, len(paths)), replace=False))
             sample = []
-            for files in paths[:64]:
+            for i in picked:
                 try:
-                    sample.append(read_flux(files, self.fits_hdu, self.nan))
+                    sample.append(read_flux(paths[i], self.fits_hdu, self.nan))
                 except DataError:
                     continue
             if not sample:
-                raise DataError(f"{catalog}: none of the first images could be read to fix the "
-                                "stretch limits")
+                raise DataError(f"{catalog}: none of the {len(picked)} images sampled to fix the "
+                                "stretch limits could be read; check the files, or give "
+                                "stretch.vmin and stretch.vmax")
+            # an object with other bands than most is refused when read, so it sets no limits
+            bands = Counter(s.shape[-1] for s in sample).most_common(1)[0][0]
+            sample = [s for s in sample if s.shape[-1] == bands]
             if len({s.shape for s in sample}) > 1:
                 sample = [s.reshape(-1, s.shape[-1]) for s in sample]
             stretch = fixed_limits(sample, stretch)
@@ -543,9 +580,11 @@ class CatalogSource:
                     raise ConfigError(f"images differ in size ({paths[0][0].name} is {h}x{w}, "
                                       f"{files[0].name} is {shape[0]}x{shape[1]}); set crop or "
                                       "resize so that every image becomes the same size")
-        stretch = reader.stretch if reader.stretch is not None and is_fits(paths[0][0]) else None
+        fits = is_fits(paths[0][0])
+        stretch = reader.stretch if reader.stretch is not None and fits else None
         display = {"stretch": self.display} if self.display else None
         return InputSpec(class_names=tuple(names), channels=c, image_size=self.resize or side,
                          crop=self.crop if self.crop is not None else (
                              min(h, w) if self.resize is not None and h != w else None),
-                         resize=self.resize, stretch=stretch, display=display)
+                         resize=self.resize, stretch=stretch, display=display,
+                         fits={"hdu": self.fits_hdu, "nan": self.nan} if fits else None)

@@ -1,14 +1,15 @@
 """Image files as astronomers have them -> uint8 pixels: PNG/JPEG cutouts and FITS.
 
 - PNG/JPEG (e.g. from the Legacy Surveys viewer) are already 8-bit displays: read as RGB or
-  grayscale with Pillow.
+  grayscale with Pillow (16-bit grayscale PNGs scaled to 8 bits, not clipped).
 - FITS images are floating-point fluxes: one file per band, or a 3-D cube whose planes are bands,
   read with astropy from a chosen HDU. NaN pixels (masked or off the survey footprint) are filled
   by a policy; an image with no finite pixel is unreadable. The fluxes become uint8 the way
   astronomers display them (:func:`stretch_to_uint8`): a linear, square-root, log or asinh
   stretch between limits from a percentile interval, zscale, the min/max, or fixed values, using
-  ``astropy.visualization``. The parameters are a plain dict, recorded in the input spec, so that
-  prediction stretches new images exactly as the training images were.
+  ``astropy.visualization``. The parameters are a plain dict, recorded in the input spec with the
+  HDU and the NaN policy, so that prediction reads and stretches new images exactly as the
+  training images were (:meth:`ImageReader.for_spec`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fz")
 STRETCHES = ("linear", "sqrt", "log", "asinh")
 INTERVALS = ("percentile", "zscale", "minmax", "manual")
 NAN_POLICIES = ("median", "zero", "error")
-#: The default stretch of FITS fluxes: asinh between the 0.5th and 99.5th percentile of each
-#: image and band, which shows faint outer structure and keeps bright cores from saturating.
+#: Pillow modes of 16-bit grayscale PNGs (older Pillow opens them as 32-bit "I").
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+#: The default stretch of FITS fluxes: asinh over the central 99.5% of the pixel values of each
+#: image and band (astropy's ``PercentileInterval(99.5)``: between the 0.25th and the 99.75th
+#: percentile), which shows faint outer structure and keeps bright cores from saturating.
 #: ``a`` is astropy's parameter of the stretch (null: astropy's default, 0.1 for asinh, 1000 for
 #: log); ``vmin``/``vmax`` are fixed limits (one value, or one per band).
 DEFAULT_STRETCH: dict[str, Any] = {"kind": "asinh", "a": None, "interval": "percentile",
@@ -102,6 +106,10 @@ def stretch_to_uint8(flux: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         vmin, vmax = band_limits(flux, params)
     else:
         bands = flux.shape[-1]
+        given = fixed_bands(params)
+        if given not in (None, bands):
+            raise ConfigError(f"stretch.vmin/vmax have {given} values for {bands} band(s); give "
+                              "one value, or one per band")
         vmin = np.broadcast_to(np.asarray(params["vmin"], dtype=np.float64), (bands,))
         vmax = np.broadcast_to(np.asarray(params["vmax"], dtype=np.float64), (bands,))
     out = np.empty(flux.shape, dtype=np.uint8)
@@ -114,6 +122,16 @@ def stretch_to_uint8(flux: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         scaled = np.ma.getdata(norm(flux[..., c].astype(np.float64)))
         out[..., c] = np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
     return out
+
+
+def fixed_bands(params: Mapping[str, Any]) -> int | None:
+    """The number of bands fixed stretch limits are for (None: one value for every band, or
+    limits per image)."""
+    if params.get("per_image", True) and params["interval"] != "manual":
+        return None
+    sizes = {np.size(params[k]) for k in ("vmin", "vmax") if params.get(k) is not None}
+    sizes.discard(1)
+    return max(sizes) if sizes else None
 
 
 def fixed_limits(samples: Sequence[np.ndarray], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,15 +186,23 @@ def read_fits(path: Path, hdu: int | str = 0) -> np.ndarray:
 
 
 def read_raster(path: Path, channels: int | None) -> np.ndarray:
-    """(H, W, C) uint8 of a PNG/JPEG: RGB (alpha dropped) or grayscale."""
+    """(H, W, C) uint8 of a PNG/JPEG: RGB (alpha dropped) or grayscale.
+
+    A 16-bit grayscale PNG is scaled to 8 bits (value / 257, so 65535 -> 255): Pillow's own
+    conversion to 8 bits clips every value above 255 to white."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
             if channels is None:
-                channels = 1 if img.mode in ("L", "I", "I;16", "F", "1") else 3
-            pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+                channels = 1 if img.mode in ("L", "F", "1", *SIXTEEN_BIT_MODES) else 3
+            if img.mode in SIXTEEN_BIT_MODES:
+                gray = np.rint(np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0)
+                gray = gray.astype(np.uint8)[..., None]
+                pixels = gray if channels == 1 else np.repeat(gray, 3, axis=-1)
+            else:
+                pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
     return pixels[..., None] if pixels.ndim == 2 else pixels
@@ -209,7 +235,10 @@ def read_image(paths: Sequence[Path], *, channels: int | None = None, hdu: int |
 class ImageReader:
     """Reads objects' images (one path, or one per band) as model-ready uint8: the file format's
     own reading, the stretch, then the input spec's geometry (crop, resize). Picklable, so that
-    :func:`read_images` can run it in worker processes."""
+    :func:`read_images` can run it in worker processes.
+
+    Anything that reads raw files for a model builds it with :meth:`for_spec`, so the HDU, the
+    NaN fill and the stretch are the ones training used."""
 
     def __init__(self, channels: int | None = None, hdu: int | str = 0, nan: str = "median",
                  stretch: Mapping[str, Any] | None = None, spec: Any = None,
@@ -223,17 +252,44 @@ class ImageReader:
         self.spec = spec  # InputSpec, or None for the raw size
         self.allow_resize = allow_resize
 
+    @classmethod
+    def for_spec(cls, spec: Any, allow_resize: bool = False) -> ImageReader:
+        """The reader of new images for a model with input spec ``spec``: its channel count, and
+        for FITS the HDU, NaN policy and stretch recorded at preparation (HDU 0 and the median
+        for specs written before they were recorded)."""
+        fits = spec.fits or {}
+        return cls(channels=spec.channels, hdu=fits.get("hdu", 0), nan=fits.get("nan", "median"),
+                   stretch=spec.stretch, spec=spec, allow_resize=allow_resize)
+
     def __call__(self, paths: Sequence[Path]) -> np.ndarray:
-        """The model-ready image; :class:`DataError` (unreadable) or, when the size does not fit
-        the input spec, its ``SizeMismatch``, each naming the file."""
-        image = read_image(paths, channels=self.channels, hdu=self.hdu, nan=self.nan,
-                           stretch=self.stretch)
+        """The model-ready image; :class:`DataError` (unreadable, or FITS bands other than the
+        model's) or, when the size does not fit the input spec, its ``SizeMismatch``, each naming
+        the file."""
+        raster = len(paths) == 1 and not is_fits(paths[0])
+        if raster:
+            image = read_raster(paths[0], self.channels)
+        else:
+            flux = read_flux(paths, self.hdu, self.nan)
+            self._check_bands(paths, flux.shape[-1])
+            image = stretch_to_uint8(flux, self.stretch)
         if self.spec is None:
             return image
         try:
-            return self.spec.conform(image[None], self.allow_resize)[0]
+            return self.spec.conform(image[None], self.allow_resize, adapt_channels=raster)[0]
         except ConfigError as err:
             raise type(err)(f"{paths[0]}: {err}") from None
+
+    def _check_bands(self, paths: Sequence[Path], bands: int) -> None:
+        """Refuse FITS bands other than the model's (or than the fixed stretch limits are for):
+        bands are measurements, and repeating one band or dropping one would make up an image."""
+        files = f" in {len(paths)} files" if len(paths) > 1 else ""
+        if self.spec is not None and bands != self.spec.channels:
+            raise DataError(f"{paths[0]}: {bands} FITS band(s){files}; the model takes "
+                            f"{self.spec.channels}: give each object the bands it was trained on")
+        limits = fixed_bands(self.stretch)
+        if limits not in (None, bands):
+            raise DataError(f"{paths[0]}: {bands} FITS band(s){files}; the fixed stretch limits "
+                            f"are for {limits}: give every object the same bands")
 
 
 def _read_chunk(reader: ImageReader, chunk: list[tuple[int, Sequence[Path]]]
