@@ -5,14 +5,22 @@ file, same split seed), so the test accuracy of a training run is reproduced exa
 ``--prepared FILE`` every image of another prepared file is evaluated instead. Writes what a
 training run writes for its test: ``metrics.json``, ``confusion_matrix.png``,
 ``reliability_diagram.png`` and TensorBoard entries (test scalars, confusion-matrix image,
-hparams). ``--tta`` / ``--no-tta`` switch test-time augmentation on or off (default: as the run
-was configured).
+hparams), under the same names as training (``metrics.json``'s ``checkpoint`` names the
+checkpoint evaluated, ``data`` the file). ``--tta`` / ``--no-tta`` switch test-time augmentation
+on or off (default: as the run was configured).
+
+A data file is refused unless its input spec is the model's (crop and resize aside: they say how
+the source was cut, and a prepared file already has the training geometry; and the display, which
+only says how a person sees the pixels): the same classes, channels and size, and pixels made the
+same way (scale, FITS stretch and reading), since otherwise the model silently sees other input.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import dataclasses
+import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +28,20 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from galaxy_lightning import perf
-from galaxy_lightning.callbacks import RunArtifacts
+from galaxy_lightning.callbacks import RunArtifacts, progress_bar, write_atomic
 from galaxy_lightning.checkpoints import load_classifier
 from galaxy_lightning.config import construct
 from galaxy_lightning.data.datamodule import GalaxyDataModule
 from galaxy_lightning.errors import CheckpointError, DataError, cli_boundary, config_key
+from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.module import GalaxyClassifier
+
+#: Input-spec fields that may differ between a data file and the model: how the source was cut
+#: (a prepared file is already in the training geometry) and how to show pixels to a person.
+NOT_COMPARED = ("crop", "resize", "display")
+#: Fields that checkpoints written before they existed lack (None: not recorded, not "none"),
+#: compared only when the checkpoint records them.
+RECORDED_LATER = ("fits",)
 
 
 class PreparedFile:
@@ -42,7 +58,7 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
                           data_dir: str | None = None, batch_size: int | None = None
                           ) -> GalaxyDataModule:
     """The checkpoint's test split (or all of ``prepared``); refused unless its input spec gives
-    the model what it was trained on (classes, channels, image size)."""
+    the model what it was trained on (:func:`check_input_spec`)."""
     if prepared is not None:
         datamodule = GalaxyDataModule(PreparedFile(prepared), test_only=True,
                                       eval_batch_size=batch_size or 1000)
@@ -58,15 +74,38 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
         datamodule = construct(config, "data")
     with config_key("data"):
         datamodule.prepare_data()
-    data, model = datamodule.spec, module.spec
+    check_input_spec(datamodule.spec, module.spec, datamodule.path)
+    return datamodule
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value, so that (1, 2) == [1, 2] as they do after a file round trip."""
+    return json.loads(json.dumps(value))
+
+
+def check_input_spec(data: InputSpec, model: InputSpec, path: str | Path) -> None:
+    """Refuse data whose pixels are not what the model was trained on, naming the first field
+    that differs (every field but :data:`NOT_COMPARED`; :data:`RECORDED_LATER` ones when the
+    checkpoint has them)."""
     if data.class_names != model.class_names:
-        raise DataError(f"{datamodule.path}: classes {list(data.class_names)} differ from the "
+        raise DataError(f"{path}: classes {list(data.class_names)} differ from the "
                         f"checkpoint's {list(model.class_names)}")
     if (data.channels, data.image_size) != (model.channels, model.image_size):
-        raise DataError(f"{datamodule.path}: images are {data.image_size}x{data.image_size}x"
+        raise DataError(f"{path}: images are {data.image_size}x{data.image_size}x"
                         f"{data.channels}; the model takes {model.image_size}x{model.image_size}x"
                         f"{model.channels}")
-    return datamodule
+    for f in dataclasses.fields(InputSpec):
+        if f.name in NOT_COMPARED:
+            continue
+        mine, theirs = _plain(getattr(data, f.name)), _plain(getattr(model, f.name))
+        if theirs is None and f.name in RECORDED_LATER:
+            continue
+        if mine != theirs:
+            raise DataError(f"{path}: input spec {f.name}={json.dumps(mine, sort_keys=True)} "
+                            f"differs from the checkpoint's {f.name}="
+                            f"{json.dumps(theirs, sort_keys=True)}, so the model "
+                            "would see other pixels than it was trained on; prepare the file "
+                            f"with the training data's {f.name}")
 
 
 def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | None = None,
@@ -81,13 +120,29 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | Non
     datamodule = evaluation_datamodule(module, prepared, data_dir, batch_size)
     output_dir = Path(output_dir)
     logger = TensorBoardLogger(str(output_dir), name="tensorboard", version="", default_hp_metric=False)
+    # The project's progress bar: Rich on a terminal, plain lines when redirected (tqdm's default
+    # bar would write carriage-return fragments into a log file).
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger,
-                        callbacks=[RunArtifacts(str(output_dir))], enable_model_summary=False)
+                        callbacks=[RunArtifacts(str(output_dir)), progress_bar()],
+                        enable_model_summary=False, enable_checkpointing=False)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    # metrics.json has training's keys; `checkpoint` (there: the best one, tested) is the one
+    # evaluated here, and `data` says on which file.
+    written = output_dir / "metrics.json"
+    if written.is_file():
+        metrics = json.loads(written.read_text())
+        metrics.update(checkpoint=str(checkpoint), data=str(datamodule.path))
+        write_atomic(written, json.dumps(metrics, indent=2))
     logger.log_hyperparams({"checkpoint": str(checkpoint), "data": str(datamodule.path),
                             **module.inference},
                            metrics={k: results[k] for k in ("test/acc", "test/ece")}, step=0)
     return {k: float(v) for k, v in results.items()}
+
+
+def default_output_dir(root: str | Path = Path("logs") / "eval") -> Path:
+    """``logs/eval/<time>``, to the microsecond as run directories are, so that two evaluations
+    started in the same second do not write into one folder."""
+    return Path(root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
 
 
 @cli_boundary
@@ -105,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrated", action=argparse.BooleanOptionalAction, default=None,
                         help="divide the logits by the fitted temperature (default: as the run)")
     args = parser.parse_args(argv)
-    out = Path(args.out or Path("logs") / "eval" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    out = Path(args.out) if args.out else default_output_dir()
     results = evaluate(args.checkpoint, out, args.prepared, args.data_dir, args.batch_size,
                        args.accelerator, args.tta, args.calibrated)
     print(f"test accuracy {results['test/acc']:.4f} (loss {results['test/loss']:.4f}, ECE "

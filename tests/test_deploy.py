@@ -20,10 +20,22 @@ import torch.nn.functional as F
 from galaxy_lightning.checkpoints import load_classifier, read_checkpoint
 from galaxy_lightning.data.prepared import read_prepared, write_prepared
 from galaxy_lightning.errors import CheckpointError, ConfigError, DataError
-from galaxy_lightning.evaluate import evaluate, evaluation_datamodule
+from galaxy_lightning.evaluate import (
+    check_input_spec,
+    default_output_dir,
+    evaluate,
+    evaluation_datamodule,
+)
 from galaxy_lightning.evaluate import main as evaluate_main
-from galaxy_lightning.export import example_input, export, exportable
-from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.export import (
+    METADATA_KEY,
+    example_input,
+    export,
+    export_program,
+    exportable,
+    load_exported,
+)
+from galaxy_lightning.input_spec import InputSpec, resize_uint8
 from galaxy_lightning.predict import predict
 from galaxy_lightning.train import train
 
@@ -56,13 +68,20 @@ def test_evaluation_reproduces_the_test_accuracy_exactly(trained: tuple, tmp_pat
     assert len(per_class) == 7 and all(written[k] == metrics[k] for k in per_class)
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
     assert list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+    # training's names (and only `data` more); `checkpoint` is the one evaluated
+    assert set(written) - set(metrics) == {"data"} and set(metrics) <= set(written)
+    assert written["checkpoint"] == str(ckpt) and written["data"].endswith(".h5")
 
 
 def test_evaluation_with_test_time_augmentation(trained: tuple, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     ckpt, metrics, _ = trained
     evaluate_main([str(ckpt), "--tta", "--out", str(tmp_path / "eval")])
-    assert "ECE" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # redirected: the project's line-based bar (nothing while testing), not a live bar's frames
+    assert [line for line in out.splitlines() if line.strip()] == [out.strip()]
+    assert out.startswith("test accuracy") and "ECE" in out and "\r" not in out + err
+    assert len({default_output_dir() for _ in range(3)}) == 3  # never one folder for two
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["tta"] is True and metrics["tta"] is False
     assert (tmp_path / "eval" / "reliability_diagram.png").is_file()
@@ -96,6 +115,35 @@ def test_evaluation_of_another_prepared_file_and_bad_checkpoints(trained: tuple,
     result = subprocess.run([sys.executable, "-m", "galaxy_lightning.evaluate", str(tmp_path / "none.ckpt")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_evaluation_refuses_a_file_whose_pixels_were_made_otherwise(trained: tuple,
+                                                                    tmp_path: Path) -> None:
+    ckpt, _, data_dir = trained
+    module = load_classifier(ckpt)
+    source = read_prepared(next(data_dir.glob("synthetic_*.h5")))
+    images, labels, spec = source.images[:20], source.labels[:20], source.info.spec
+    stretch = {"kind": "asinh", "interval": "percentile", "percentile": 99.5}
+    for name, value in (("scale", 1.0 / 255.0), ("stretch", stretch)):
+        path = write_prepared(tmp_path / f"{name}.h5", images, labels, spec.replace(**{name: value}), {})
+        with pytest.raises(DataError) as refused:
+            evaluation_datamodule(module, prepared=str(path))
+        message = str(refused.value)
+        assert message.startswith(f"{path}: input spec {name}={json.dumps(value, sort_keys=True)} "
+                                  f"differs from the checkpoint's {name}="
+                                  f"{json.dumps(getattr(module.spec, name))}")
+        assert message.endswith(f"prepare the file with the training data's {name}")
+        assert "\n" not in message
+    # how the source was cut and how pixels are shown do not change what the model sees
+    recut = write_prepared(tmp_path / "recut.h5", images, labels,
+                           spec.replace(crop=48, resize=32, display={"stretch": "asinh"}), {})
+    assert len(evaluation_datamodule(module, prepared=str(recut)).split("test").labels) == 20
+    # how FITS files were read: compared when the checkpoint records it (older ones do not)
+    fits = {"hdu": 1, "nan": "zero"}
+    check_input_spec(spec.replace(fits=fits), spec, "f.h5")
+    with pytest.raises(DataError, match=r'^f.h5: input spec fits=null differs from the '
+                                        r'checkpoint\'s fits=\{"hdu": 1, "nan": "zero"\}'):
+        check_input_spec(spec, spec.replace(fits=fits), "f.h5")
 
 
 def test_prediction_on_png_files_matches_predict_step(trained: tuple, tmp_path: Path) -> None:
@@ -159,11 +207,24 @@ def test_prediction_applies_the_training_crop(trained: tuple, tmp_path: Path) ->
     np.testing.assert_allclose([float(row[f"p_{n}"]) for n in module.class_names], expected, atol=1e-5)
 
 
+def _checkpoint_with_a_crop(trained: tuple, path: Path) -> tuple[Path, InputSpec]:
+    """The trained checkpoint with a Galaxy10 DECaLS-like source geometry: 64 px cutouts,
+    center-cropped to 48 and resized to the 32 px the network takes."""
+    checkpoint = torch.load(trained[0], weights_only=True)
+    spec = InputSpec.from_dict(checkpoint["hyper_parameters"]["input_spec"]).replace(crop=48, resize=32)
+    checkpoint["hyper_parameters"]["input_spec"] = spec.to_dict()
+    torch.save(checkpoint, path)
+    return path, spec
+
+
 @pytest.mark.parametrize("tta", [False, True])
 def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path, tta: bool) -> None:
     import warnings
 
-    ckpt = trained[0]
+    import onnx
+    import onnxruntime
+
+    ckpt, spec = _checkpoint_with_a_crop(trained, tmp_path / "crop.ckpt")
     module = load_classifier(ckpt).set_inference(tta=tta)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # no deprecated exporter on the way
@@ -173,8 +234,6 @@ def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path, tta: 
     program = torch.export.load(str(written["pt2"])).module()
     with torch.no_grad():
         np.testing.assert_allclose(program(batch).numpy(), expected, atol=1e-5)
-    import onnxruntime
-
     session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": batch.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -182,8 +241,45 @@ def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path, tta: 
     meta = json.loads((tmp_path / "export" / "model.json").read_text())
     assert meta["class_names"] == module.class_names and meta["input"]["layout"] == "NHWC"
     assert InputSpec.from_dict(meta["input_spec"]) == module.spec and meta["inference"]["tta"] is tta
+    # the input spec and inference options travel inside each file, read by each format's tools
+    extra = {METADATA_KEY: ""}
+    torch.export.load(str(written["pt2"]), extra_files=extra)
+    props = {p.key: p.value for p in onnx.load(str(written["onnx"])).metadata_props}
+    for text in (extra[METADATA_KEY], props[METADATA_KEY]):
+        embedded = json.loads(text)
+        assert InputSpec.from_dict(embedded["input_spec"]) == module.spec == spec
+        assert embedded["inference"] == meta["inference"]
+    # the loader applies the training geometry: raw 64 px cutouts give the checkpoint's
+    # probabilities of their crop (cut here by hand), in batches of any size
+    raw = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    cropped = resize_uint8(raw[:, 8:56, 8:56], 32)
+    expected_raw = module.probabilities(torch.from_numpy(cropped)).numpy()
+    for fmt, path in written.items():
+        model = load_exported(path)
+        assert model.spec == module.spec and model.inference["tta"] is tta, fmt
+        np.testing.assert_allclose(model(raw, batch_size=2), expected_raw, atol=1e-5, err_msg=fmt)
+        np.testing.assert_allclose(model(batch), expected, atol=1e-5, err_msg=fmt)  # already 32 px
+        with pytest.raises(ConfigError, match=r"is 40x50; the model takes 32x32 \(training cropped"):
+            model(raw[:, :40, :50])
+        assert model(raw[:, :40, :50], allow_resize=True).shape == (5, module.spec.num_classes)
     with pytest.raises(ConfigError, match="TorchScript is deprecated"):
         export(ckpt, tmp_path / "ts", formats=("torchscript",))
+
+
+def test_exported_files_without_their_input_spec_are_refused(trained: tuple, tmp_path: Path) -> None:
+    module = load_classifier(trained[0])
+    bare = tmp_path / "bare.pt2"
+    torch.export.save(export_program(module), str(bare))  # an ExportedProgram with no spec
+    with pytest.raises(CheckpointError, match="carries no galaxy_lightning input spec"):
+        load_exported(bare)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        load_exported(tmp_path / "junk.onnx")
+    with pytest.raises(ConfigError, match="unknown exported model type"):
+        load_exported(trained[0])
+    model = load_exported(export(trained[0], tmp_path / "export", formats=("pt2",))["pt2"])
+    with pytest.raises(ConfigError, match="the model takes uint8"):
+        model(np.zeros((2, 32, 32, 3), np.float32))
 
 
 def test_train_false_tests_the_given_checkpoint(trained: tuple, make_cfg) -> None:  # noqa: ANN001
