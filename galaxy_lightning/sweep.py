@@ -8,6 +8,12 @@ When the sweep repeats configurations over seeds (``seed=0,1,2``) or cross-valid
 with one row per configuration: the model's parameters, training minutes, and test accuracy and
 ECE as mean, standard deviation, a 95% confidence interval of the mean (Student's t), min and max
 over the repeats.
+
+A summary covers one launch: a second launch into the same ``hydra.sweep.dir`` (a grid run
+again, a smaller one) gets new job directories (``<job number>_<launch time>``, see
+``conf/hydra/default.yaml``) and a summary of its own jobs only, never the earlier launch's. A
+sweeper that keeps its study in storage (the Optuna search, ``hydra.sweeper.storage``) continues
+one search over several launches, and its summary covers the jobs of all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import csv
 import json
 import logging
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +33,54 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 #: The results each job contributes, under the names the run logged them (and metrics.json has).
-RESULTS = ("val/acc_best", "test/acc", "test/ece")
+RESULTS = ("val/acc_best", "test/acc", "test/ece", "test/ece_uncalibrated", "test/ece_floor",
+           "val/acc_largest_drop")
+#: The results summarised over the repeats of a configuration.
+GROUPED = ("val/acc_best", "test/acc", "test/ece", "test/ece_uncalibrated", "test/ece_floor",
+           "val/acc_largest_drop")
 COLUMNS = ["job", "overrides", *RESULTS, "best_step", "params", "fit_minutes", "status", "run_dir",
            "all_overrides"]
 #: What a repeat of one configuration varies: the seed, or the cross-validation fold.
 REPEATS = ("seed=", "data.fold=")
 STATS = ("mean", "std", "ci95_low", "ci95_high", "min", "max")
 GROUP_COLUMNS = ["config", "runs", "repeats", "params", "fit_minutes",
-                 *[f"{k}_{s}" for k in ("test/acc", "test/ece") for s in STATS]]
-#: Student's t, 97.5th percentile, by degrees of freedom 1..30 (beyond: 1.96).
+                 *[f"{k}_{s}" for k in GROUPED for s in STATS]]
+#: Student's t, 97.5th percentile, by degrees of freedom 1..30 (beyond: :func:`t975`).
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows for every job directory (one holding ``.hydra/``) under ``sweep_dir``.
+def t975(df: int) -> float:
+    """Student's t, 97.5th percentile: the table to 30 degrees of freedom, then
+    ``1.96 + 2.46 / df`` (linear in 1/df from t(30) = 2.042 to the normal's 1.96; within 0.001 of
+    the exact value: t(40) = 2.021, t(60) = 2.000, t(120) = 1.980), so no scipy is needed."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom {df} must be at least 1")
+    return T975[df - 1] if df <= len(T975) else 1.96 + 2.46 / df
+
+
+def job_dirs(sweep_dir: str | Path) -> dict[Path, int]:
+    """The job directories (those holding ``.hydra/config.yaml``) under ``sweep_dir``, with the
+    time that file was written (ns): Hydra rewrites it whenever a job starts in the directory."""
+    return {p.parent.parent: p.stat().st_mtime_ns for p in Path(sweep_dir).glob("*/.hydra/config.yaml")}
+
+
+def _sweep_order(job: Path) -> tuple[int, int, str]:
+    """Job number first (``10_...`` after ``9_...``), then the launch."""
+    number = job.name.split("_", 1)[0]
+    return (0, int(number), job.name) if number.isdigit() else (1, 0, job.name)
+
+
+def summarize(sweep_dir: str | Path, jobs: Iterable[Path] | None = None) -> list[dict[str, Any]]:
+    """Rows for the given job directories (default: every one under ``sweep_dir``).
 
     ``overrides`` lists what differs between the jobs (the swept values); ``all_overrides`` has
     every command-line override of the job.
     """
     rows = []
-    for hydra_dir in sorted(Path(sweep_dir).glob("*/.hydra"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        job = hydra_dir.parent
+    for job in sorted(job_dirs(sweep_dir) if jobs is None else jobs, key=_sweep_order):
+        hydra_dir = job / ".hydra"
         overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [] \
             if (hydra_dir / "overrides.yaml").is_file() else []
         row: dict[str, Any] = {"job": job.name, "all_overrides": overrides, "run_dir": str(job)}
@@ -82,8 +114,7 @@ def summary_statistics(values: list[float]) -> dict[str, float | None]:
         return dict.fromkeys(STATS)
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else None
-    half = T975[min(len(values) - 1, len(T975)) - 1] * std / len(values) ** 0.5 \
-        if std is not None else None
+    half = t975(len(values) - 1) * std / len(values) ** 0.5 if std is not None else None
     return {"mean": mean, "std": std, "ci95_low": mean - half if half is not None else None,
             "ci95_high": mean + half if half is not None else None,
             "min": min(values), "max": max(values)}
@@ -94,7 +125,7 @@ def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     without ``paths.*`` and ``hydra.*``, which say where, not what): :func:`summary_statistics`
     of test accuracy and ECE over the repeats, and the mean training minutes, in sweep order."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for r in sorted(rows, key=lambda r: (len(r["job"]), r["job"])):
+    for r in sorted(rows, key=lambda r: _sweep_order(Path(r["job"]))):
         if r["status"] != "done" or r["test/acc"] is None:
             continue
         config = " ".join(o for o in r["all_overrides"].split()
@@ -107,8 +138,8 @@ def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "config": config, "runs": len(members), "params": members[0]["params"],
             "repeats": ", ".join(_repeat_of(m["all_overrides"]) for m in members),
             "fit_minutes": statistics.fmean(minutes) if minutes else None}
-        for key in ("test/acc", "test/ece"):
-            stats = summary_statistics([m[key] for m in members if m[key] is not None])
+        for key in GROUPED:
+            stats = summary_statistics([m[key] for m in members if m.get(key) is not None])
             row.update({f"{key}_{name}": value for name, value in stats.items()})
         out.append(row)
     return out
@@ -116,12 +147,16 @@ def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(groups: list[dict[str, Any]]) -> str:
     """The per-configuration table as Markdown (what the README's comparison tables are):
-    mean ± standard deviation [95% confidence interval of the mean] over the repeats."""
+    mean ± standard deviation [95% confidence interval of the mean] over the repeats; the ECE
+    with its floor (what a perfectly calibrated model would show on as many test images) and
+    before temperature scaling; the largest fall of validation accuracy between two checks
+    after warm-up, mean (worst)."""
     lines = ["| config | params | minutes | test accuracy: mean ± sd [95% CI] | "
-             "ECE: mean ± sd [95% CI] | runs |", "|---|---:|---:|---|---|---|"]
+             "ECE: mean ± sd [95% CI] | ECE floor | ECE before calibration | "
+             "largest val drop: mean (max) | runs |", "|---|---:|---:|---|---|---|---|---|---|"]
 
     def fmt(g: dict[str, Any], key: str, scale: float, digits: int, unit: str) -> str:
-        if g[f"{key}_mean"] is None:
+        if g.get(f"{key}_mean") is None:
             return "-"
         text = f"{scale * g[f'{key}_mean']:.{digits}f}{unit}"
         if g[f"{key}_std"] is not None:
@@ -129,11 +164,23 @@ def markdown_table(groups: list[dict[str, Any]]) -> str:
                      f"-{scale * g[f'{key}_ci95_high']:.{digits}f}]")
         return text
 
+    def mean_max(g: dict[str, Any], key: str, scale: float, digits: int, unit: str) -> str:
+        if g.get(f"{key}_mean") is None:
+            return "-"
+        return (f"{scale * g[f'{key}_mean']:.{digits}f}{unit} "
+                f"({scale * g[f'{key}_max']:.{digits}f}{unit})")
+
+    def mean(g: dict[str, Any], key: str) -> str:
+        return "-" if g.get(f"{key}_mean") is None else f"{g[f'{key}_mean']:.3f}"
+
     for g in groups:
         params = f"{g['params']:,}" if g["params"] is not None else "-"
         minutes = f"{g['fit_minutes']:.1f}" if g["fit_minutes"] is not None else "-"
         lines.append(f"| {g['config']} | {params} | {minutes} | {fmt(g, 'test/acc', 100, 1, '%')} | "
-                     f"{fmt(g, 'test/ece', 1, 3, '')} | {g['runs']} ({g['repeats']}) |")
+                     f"{fmt(g, 'test/ece', 1, 3, '')} | {mean(g, 'test/ece_floor')} | "
+                     f"{mean_max(g, 'test/ece_uncalibrated', 1, 3, '')} | "
+                     f"{mean_max(g, 'val/acc_largest_drop', 100, 1, ' pts')} | "
+                     f"{g['runs']} ({g['repeats']}) |")
     return "\n".join(lines)
 
 
@@ -144,14 +191,20 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
         writer.writerows(rows)
 
 
-def write_summary(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Write ``summary.csv`` (and, when configurations repeat over seeds,
-    ``summary_by_config.csv``) into the sweep directory; return the job rows and the groups."""
-    rows = summarize(sweep_dir)
+def write_summary(sweep_dir: str | Path, jobs: Iterable[Path] | None = None
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write ``summary.csv`` of ``jobs`` (default: all) and, when configurations repeat over
+    seeds, ``summary_by_config.csv`` into the sweep directory (an earlier launch's
+    ``summary_by_config.csv`` is removed when this one has no repeats, so the two files always
+    describe the same jobs); return the job rows and the groups."""
+    rows = summarize(sweep_dir, jobs)
     groups = group_by_config(rows)
     _write_csv(Path(sweep_dir) / "summary.csv", COLUMNS, rows)
+    by_config = Path(sweep_dir) / "summary_by_config.csv"
     if any(g["runs"] > 1 for g in groups):
-        _write_csv(Path(sweep_dir) / "summary_by_config.csv", GROUP_COLUMNS, groups)
+        _write_csv(by_config, GROUP_COLUMNS, groups)
+    else:
+        by_config.unlink(missing_ok=True)
     return rows, groups
 
 
@@ -168,14 +221,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: summary.csv and a printed table at the end of every multirun."""
+    """Hydra callback: summary.csv and a printed table at the end of every multirun, of the jobs
+    this launch ran (all launches' jobs for a search whose study is stored, see the module).
+
+    ``launch`` (``${now:%H-%M-%S_%f}`` in ``conf/hydra/default.yaml``) names the launch. Hydra
+    builds its callbacks in the launching process before any job, and copies that process's
+    resolver cache into every job's config, so resolving the time here makes the same
+    ``${now:%H-%M-%S_%f}`` in ``hydra.sweep.subdir`` one value for all the jobs of a launch (also
+    on joblib workers, and for a SLURM job that is requeued) rather than each job's start time.
+    """
+
+    def __init__(self, launch: str | None = None) -> None:
+        self.launch = launch
+        self._before: dict[Path, int] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # what was there before: the jobs of this launch are those it adds or rewrites
+        self._before = job_dirs(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        rows, groups = write_summary(sweep_dir)
-        print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{format_table(rows)}", flush=True)
+        jobs: list[Path] | None = None  # all of them
+        scope = "every launch of the stored study"
+        if config.hydra.sweeper.get("storage") is None:
+            before = self._before or {}
+            jobs = [job for job, written in job_dirs(sweep_dir).items() if before.get(job) != written]
+            scope = f"launch {self.launch}" if self.launch else "this launch"
+        rows, groups = write_summary(sweep_dir, jobs)
+        print(f"\nsweep summary, {scope}, {len(rows)} jobs ({sweep_dir / 'summary.csv'}):\n"
+              f"{format_table(rows)}", flush=True)
         if any(g["runs"] > 1 for g in groups):
             print(f"\nover repeats ({sweep_dir / 'summary_by_config.csv'}):\n"
                   f"{markdown_table(groups)}", flush=True)

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from galaxy_lightning.sweep import group_by_config, markdown_table
+from galaxy_lightning.optuna_sweeper import ResumeStudy
+from galaxy_lightning.sweep import (SweepSummary, group_by_config, markdown_table,
+                                    summary_statistics, t975)
 
 from .conftest import TINY, compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def command(*args: str, sweep_dir: Path, data_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "-m", *TINY, *args, f"paths.data_dir={data_dir}",
+            f"hydra.sweep.dir={sweep_dir}"]
+
+
 def multirun(*args: str, sweep_dir: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *TINY, *args, f"paths.data_dir={data_dir}",
-         f"hydra.sweep.dir={sweep_dir}"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    result = subprocess.run(command(*args, sweep_dir=sweep_dir, data_dir=data_dir),
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -30,7 +40,8 @@ def summary(sweep_dir: Path) -> list[dict]:
     return list(csv.DictReader(open(sweep_dir / "summary.csv")))
 
 
-def test_grid_sweep_gives_separate_runs_and_a_summary(tmp_path: Path, data_dir: Path) -> None:
+def test_grid_sweeps_give_separate_runs_and_a_summary_per_launch(tmp_path: Path,
+                                                                 data_dir: Path) -> None:
     sweep = tmp_path / "sweep"
     result = multirun("optimizer.lr=0.001,0.01", sweep_dir=sweep, data_dir=data_dir)
     rows = summary(sweep)
@@ -43,6 +54,46 @@ def test_grid_sweep_gives_separate_runs_and_a_summary(tmp_path: Path, data_dir: 
         assert (job / "metrics.json").is_file()
     assert float(rows[0]["val/acc_best"]) >= float(rows[1]["val/acc_best"])  # sorted, best first
     assert "sweep summary" in result.stdout and "optimizer.lr=0.01" in result.stdout
+    first = {r["run_dir"] for r in rows}
+    # <job number>_<launch time>: one time for all the jobs of a launch
+    assert len({Path(d).name.split("_", 1)[1] for d in first}) == 1
+
+    def written(jobs: set[str]) -> list[tuple[Path, int]]:
+        return sorted((f, f.stat().st_mtime_ns) for job in jobs for f in Path(job).glob("**/*"))
+
+    before = written(first)
+
+    # A second, smaller launch into the same directory: new job directories, and a summary of
+    # its own job only (job 0 does not overwrite the first launch's job 0, nor inherit job 1).
+    multirun("optimizer.lr=0.003", sweep_dir=sweep, data_dir=data_dir)
+    (row,) = summary(sweep)
+    assert "optimizer.lr=0.003" in row["all_overrides"].split() and row["status"] == "done"
+    assert row["run_dir"] not in first and Path(row["run_dir"]).name.startswith("0_")
+    assert len([p for p in sweep.iterdir() if (p / ".hydra").is_dir()]) == 3
+    # the first launch's jobs are untouched (no TensorBoard events piled up in a reused directory)
+    assert written(first) == before
+
+
+def test_the_summary_holds_the_jobs_this_launch_wrote(tmp_path: Path) -> None:
+    """Also when a launch reuses job directories (hydra.sweep.subdir=${hydra.job.num})."""
+    def job(name: str, lr: str) -> None:
+        (tmp_path / name / ".hydra").mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n")
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(f"lr: {lr}\n")
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {}}})
+    job("0", "0.1"), job("1", "0.2"), job("2", "0.3")  # an earlier launch of three jobs
+    callback = SweepSummary(launch="12-00-00_000000")
+    callback.on_multirun_start(config)
+    time.sleep(0.01)
+    job("0", "0.4"), job("3_12-00-00_000000", "0.5")  # this launch: one reused, one new
+    callback.on_multirun_end(config)
+    assert sorted(r["all_overrides"] for r in summary(tmp_path)) == ["optimizer.lr=0.4",
+                                                                   "optimizer.lr=0.5"]
+    # a stored (Optuna) study continues over launches: its summary holds every launch's jobs
+    config.hydra.sweeper.storage = f"sqlite:///{tmp_path}/optuna.db"
+    callback.on_multirun_end(config)
+    assert len(summary(tmp_path)) == 4
 
 
 def test_optuna_search_runs_three_trials(tmp_path: Path, data_dir: Path) -> None:
@@ -114,7 +165,7 @@ def test_sweep_table_groups_seeds_and_folds() -> None:
     def row(job: int, overrides: str, acc: float, ece: float) -> dict:
         return {"job": str(job), "overrides": overrides, "all_overrides": overrides,
                 "status": "done", "test/acc": acc, "test/ece": ece, "params": 100,
-                "fit_minutes": 2.0, "val/acc_best": acc}
+                "fit_minutes": 2.0, "val/acc_best": acc + 0.01}
     rows = [row(0, "experiment=a seed=0 paths.data_dir=/d", 0.70, 0.02),
             row(1, "experiment=a seed=1 paths.data_dir=/d", 0.74, 0.04),
             row(2, "experiment=b data.fold=0 paths.data_dir=/d", 0.90, 0.01),
@@ -128,6 +179,7 @@ def test_sweep_table_groups_seeds_and_folds() -> None:
     assert b["repeats"] == "data.fold=0, data.fold=1, data.fold=2"
     # sample standard deviation and Student's t interval (t_0.975 with 2 d.o.f. = 4.303)
     assert b["test/acc_std"] == pytest.approx(0.02)
+    assert (b["val/acc_best_mean"], b["val/acc_best_max"]) == pytest.approx((0.93, 0.95))
     assert (b["test/acc_ci95_low"], b["test/acc_ci95_high"]) == pytest.approx(
         (0.92 - 4.303 * 0.02 / 3 ** 0.5, 0.92 + 4.303 * 0.02 / 3 ** 0.5))
     table = markdown_table(groups)
@@ -135,19 +187,141 @@ def test_sweep_table_groups_seeds_and_folds() -> None:
     assert "| experiment=b | 100 | 2.0 | 92.0% ± 2.0 [87.0-97.0] |" in table
 
 
-def test_an_interrupted_optuna_search_continues_in_its_sweep_directory(tmp_path: Path,
-                                                                      data_dir: Path) -> None:
+def test_student_t_beyond_the_table_tends_to_the_normal() -> None:
+    assert (t975(1), t975(30)) == (12.706, 2.042)
+    assert t975(40) == pytest.approx(2.021, abs=1e-3) and t975(120) == pytest.approx(1.980, abs=1e-3)
+    assert t975(10**6) == pytest.approx(1.96, abs=1e-5)
+    values = [float(i % 2) for i in range(41)]  # 40 degrees of freedom
+    stats = summary_statistics(values)
+    half = stats["ci95_high"] - stats["mean"]
+    assert half == pytest.approx(t975(40) * stats["std"] / 41 ** 0.5)
+
+
+def _optuna_config(tmp_path: Path, n_trials: int, study_name: str | None = "s") -> DictConfig:
+    return OmegaConf.create({"hydra": {"sweeper": {
+        "storage": f"sqlite:///{tmp_path}/optuna.db", "study_name": study_name,
+        "n_trials": n_trials, "sampler": {"seed": 1234}}}})
+
+
+def test_resuming_a_study_fails_stale_trials_and_runs_the_rest(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    import optuna
+
+    config = _optuna_config(tmp_path, 5)
+    ResumeStudy().on_multirun_start(config)  # no study yet: nothing to change, nothing created
+    assert config.hydra.sweeper.n_trials == 5 and not (tmp_path / "optuna.db").exists()
+    study = optuna.create_study(study_name="s", storage=config.hydra.sweeper.storage)
+    for value in (0.5, 0.6):
+        study.tell(study.ask(), value)
+    study.ask()  # a trial whose process was killed: RUNNING for ever
+    OmegaConf.set_readonly(config.hydra, True)  # as Hydra has it
+    ResumeStudy().on_multirun_start(config)
+    study = optuna.load_study(study_name="s", storage=config.hydra.sweeper.storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert config.hydra.sweeper.n_trials == 3 and config.hydra.sweeper.sampler.seed == 1234 + 3
+    done = _optuna_config(tmp_path, 2)
+    ResumeStudy().on_multirun_start(done)
+    assert done.hydra.sweeper.n_trials == 0  # finished: nothing more to run
+    with pytest.raises(SystemExit) as exit_:  # a ConfigError, as one line
+        ResumeStudy().on_multirun_start(_optuna_config(tmp_path, 2, study_name=None))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: hydra.sweeper.storage=sqlite:")
+
+
+def _trial_states(db: Path) -> dict[int, str]:
+    if not db.is_file():
+        return {}
+    with sqlite3.connect(db, timeout=10) as con:
+        try:
+            return dict(con.execute("SELECT number, state FROM trials").fetchall())
+        except sqlite3.OperationalError:  # the tables are not there yet
+            return {}
+
+
+@pytest.mark.slow
+def test_a_killed_optuna_search_continues_with_the_remaining_trials(tmp_path: Path,
+                                                                    data_dir: Path) -> None:
     import optuna
 
     sweep = tmp_path / "optuna"
     args = ("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2")
-    multirun(*args, sweep_dir=sweep, data_dir=data_dir)
-    multirun(*args, sweep_dir=sweep, data_dir=data_dir)  # the same command again: continues
+    # the first launch is killed (SIGKILL: nothing can clean up) while its second trial runs
+    first = subprocess.Popen(command(*args, sweep_dir=sweep, data_dir=data_dir), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while (_trial_states(sweep / "optuna.db") != {0: "COMPLETE", 1: "RUNNING"}
+           or not list(sweep.glob("1_*/.hydra/config.yaml"))):  # the second job has started
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, _trial_states(sweep / "optuna.db")
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+
+    multirun(*args, sweep_dir=sweep, data_dir=data_dir)  # the same command: one trial is left
     study = optuna.load_study(study_name="galaxy_lightning", storage=f"sqlite:///{sweep}/optuna.db")
-    assert len(study.trials) == 4 and all(t.value is not None for t in study.trials)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    # a larger n_trials extends the finished search by the difference
+    multirun(*args, "hydra.sweeper.n_trials=3", sweep_dir=sweep, data_dir=data_dir)
+    study = optuna.load_study(study_name="galaxy_lightning", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    # the summary covers the whole search: every launch's jobs, each in its own directory
     rows = summary(sweep)
-    assert len(rows) == 4 and len({r["run_dir"] for r in rows}) == 4  # no job overwrote another
-    assert max(float(r["val/acc_best"]) for r in rows) == pytest.approx(study.best_value)
+    assert len(rows) == 4 and len({r["run_dir"] for r in rows}) == 4
+    assert sorted(r["status"] for r in rows) == ["done", "done", "done", "no metrics.json"]
+    assert max(float(r["val/acc_best"]) for r in rows if r["val/acc_best"]) == \
+        pytest.approx(study.best_value)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(study.best_value)
+
+
+def _job_config(overrides: list[str], master: DictConfig, num: int) -> DictConfig:
+    """A sweep job's config as Hydra's launcher makes it: composed again, with the launching
+    config's resolver cache, its job number and its output directory."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    OmegaConf.copy_cache(from_config=master, to_config=cfg)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.job.num = num
+        cfg.hydra.runtime.output_dir = f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}"
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_every_sweep_job_has_its_own_directory_and_logger_run_names(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from galaxy_lightning.config import CONFIG_PACKAGE
+
+    overrides = ["logger=many", f"paths.log_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+            master = compose("train", overrides=overrides, return_hydra_config=True)
+            launch = master.hydra.callbacks.sweep_summary.launch  # as Hydra builds the callback
+            jobs = []
+            for num in (0, 1):
+                time.sleep(0.002)  # a job resolving its own time would get another one
+                jobs.append(_job_config(overrides, master, num))
+            names = set()
+            for num, cfg in enumerate(jobs):
+                HydraConfig.instance().set_config(cfg)
+                output_dir = cfg.hydra.runtime.output_dir
+                assert output_dir == f"{tmp_path}/sweep/{num}_{launch}"
+                assert cfg.logger.mlflow.run_name == cfg.logger.wandb.name == output_dir
+                names.add(cfg.logger.mlflow.run_name)
+            assert len(names) == 2
+            run = compose("train", overrides=overrides[:2], return_hydra_config=True)
+            with read_write(run.hydra):
+                run.hydra.runtime.output_dir = run.hydra.run.dir
+            HydraConfig.instance().set_config(run)
+            assert run.logger.mlflow.run_name == run.logger.wandb.name == run.hydra.run.dir
+            assert "/runs/" in run.logger.mlflow.run_name
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def test_sweeps_started_together_never_share_a_directory(tmp_path: Path, data_dir: Path) -> None:
