@@ -10,7 +10,6 @@ buffer (saved with the weights), and applied by test, evaluation and prediction.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -67,13 +66,13 @@ def calibrate(module: GalaxyClassifier, images: torch.Tensor, labels: torch.Tens
     return temperature
 
 
-def store_in_checkpoint(path: str | Path, module: GalaxyClassifier) -> None:
-    """Write the module's temperature and inference options into a checkpoint file (atomically:
-    a temporary file renamed over it)."""
-    path = Path(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def store_in_checkpoint(source: str | Path, module: GalaxyClassifier,
+                        target: str | Path | None = None) -> None:
+    """Write the module's temperature and inference options into the checkpoint ``source``
+    (or into a copy of it at ``target``), atomically."""
+    from galaxy_lightning.checkpoints import read_checkpoint, save_atomically
+
+    checkpoint = read_checkpoint(source)
     checkpoint["state_dict"]["temperature"] = module.temperature.detach().cpu().clone()
     checkpoint.setdefault("galaxy_lightning", {})["inference"] = module.inference
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    save_atomically(checkpoint, Path(target if target is not None else source))

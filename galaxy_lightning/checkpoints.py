@@ -100,26 +100,44 @@ def load_classifier(path: str | Path) -> GalaxyClassifier:
     return module.set_inference(**inference).eval()
 
 
-def read_resumable(path: str | Path) -> dict[str, Any]:
-    """:func:`read_checkpoint` for a checkpoint a run resumes or tests: an unreadable one is
-    refused with the newest readable checkpoint beside it named, so the user knows what to pass."""
+def read_resumable(path: str | Path, resuming: bool = True) -> dict[str, Any]:
+    """:func:`read_checkpoint` for the checkpoint a run resumes (or, ``resuming=False``, tests):
+    an unreadable one is refused with the newest readable checkpoint beside it named, so the
+    user knows what to pass; resuming also needs the current format (format 1 laid out the
+    optimizer and loop states differently)."""
     path = Path(path)
     try:
-        return read_checkpoint(path)
+        checkpoint = read_checkpoint(path)
     except CheckpointError as err:
         good = newest_readable(path.parent, exclude=path) if path.parent.is_dir() else None
         hint = f"; the newest readable checkpoint there is {good}: ckpt_path={good}" if good else ""
         raise CheckpointError(f"{err}{hint}") from None
-
-
-def refuse_resume_of_old_format(path: str | Path) -> None:
-    """Resuming rebuilds optimizer and loop states that format 1 laid out differently."""
-    checkpoint = read_resumable(path)
-    if checkpoint_format(checkpoint) < CHECKPOINT_FORMAT:
+    if resuming and checkpoint_format(checkpoint) < CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: written by an older galaxy_lightning (checkpoint format "
                               f"{checkpoint_format(checkpoint)}); it can be evaluated, exported, "
                               "predicted with and tested (train=false), but not resumed: start a "
                               "new run")
+    return checkpoint
+
+
+def _check_same(path: str | Path, checkpoint: dict[str, Any], key: str, what: str, now: Any) -> None:
+    saved = checkpoint["hyper_parameters"].get(key)
+    if checkpoint_format(checkpoint) >= CHECKPOINT_FORMAT and saved != now:
+        raise CheckpointError(f"{path} was trained with another {what}: {saved} vs now {now}; use "
+                              "the run's own config (its .hydra/overrides.yaml), or start a new run")
+
+
+def check_model_of_checkpoint(path: str | Path, checkpoint: dict[str, Any], model: Any) -> None:
+    """The checkpoint holds the network the run's model config describes (checked before any
+    data is prepared: a mismatch needs no data to be found)."""
+    _check_same(path, checkpoint, "model", "model", model)
+
+
+def check_data_of_checkpoint(path: str | Path, checkpoint: dict[str, Any],
+                             input_spec: dict[str, Any]) -> None:
+    """The checkpoint was trained for the run's data: the same classes, channels, image size and
+    pixel making (the input spec)."""
+    _check_same(path, checkpoint, "input_spec", "data (classes, channels, image size)", input_spec)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -131,19 +149,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"cannot write checkpoint {path} ({err.strerror or err}); free "
-                                  "space there or choose another paths.log_dir") from None
+        save_atomically(checkpoint, Path(path))
+
+
+def _disk_error(err: BaseException) -> OSError | None:
+    """The operating system's error behind a failed write: torch's zip writer reports a failed
+    ``write`` (a full disk) as a ``RuntimeError`` whose context is the ``OSError``."""
+    if isinstance(err, OSError):
+        return err
+    context = err.__context__
+    return context if isinstance(context, OSError) else None
+
+
+def save_atomically(checkpoint: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to ``.<name>.<pid>.tmp`` beside ``path``, flushed to disk, then renamed over
+    it; the temporary file is removed whatever happens, and leftovers of writers that were killed
+    are removed after a successful save."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        disk = _disk_error(err)
+        if disk is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path} ({disk.strerror or disk}); free "
+                              "space there or choose another paths.log_dir") from None
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def newest_readable(folder: Path, exclude: Path | None = None) -> Path | None:
@@ -169,19 +207,3 @@ def find_last(log_dir: str | Path, task_name: str) -> Path:
         raise CheckpointError(f"ckpt_path=last: no last.ckpt under {root}; give the checkpoint's "
                               "path, or start a new run")
     return found[-1]
-
-
-def check_resume(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint a run resumes or tests, checked against the run's own model and data:
-    readable (else the newest readable checkpoint beside it is named), the current format, and
-    the same network (model config) for the same data (input spec)."""
-    path = Path(path)
-    checkpoint = read_resumable(path)
-    saved = checkpoint["hyper_parameters"]
-    if checkpoint_format(checkpoint) >= CHECKPOINT_FORMAT:
-        for key, what in (("model", "model"), ("input_spec", "data (classes, channels, image size)")):
-            if saved.get(key) != hparams.get(key):
-                raise CheckpointError(f"{path} was trained with another {what}: {saved.get(key)} "
-                                      f"vs now {hparams.get(key)}; use the run's own config "
-                                      "(its .hydra/overrides.yaml), or start a new run")
-    return checkpoint

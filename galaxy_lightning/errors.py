@@ -20,6 +20,8 @@ R = TypeVar("R")
 
 #: Exit status of a run refused for bad input (argparse and Hydra use 2 for usage errors too).
 EXIT_BAD_INPUT = 2
+#: Exit status after Ctrl-C, as the shell reports it (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 class GalaxyError(Exception):
@@ -53,7 +55,8 @@ def config_key(key: str) -> Iterator[None]:
 
 def cli_boundary(main: Callable[P, R]) -> Callable[P, R]:
     """Decorate an entry point: a :class:`GalaxyError` becomes ``error: <message>`` on stderr and
-    exit status 2; every other exception propagates unchanged. Third-party banners and known
+    exit status 2, Ctrl-C one line and exit status 130; every other exception propagates
+    unchanged. Third-party banners and known
     dependency warnings are hidden (:mod:`galaxy_lightning.console`)."""
 
     @wraps(main)
@@ -66,5 +69,11 @@ def cli_boundary(main: Callable[P, R]) -> Callable[P, R]:
         except GalaxyError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            # Ctrl-C outside training (a download, a preparation): every file is written to a
+            # temporary name first, so what was interrupted left nothing half-written behind.
+            print("interrupted: nothing half-written was left; run the same command again to "
+                  "continue", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     return wrapper

@@ -22,18 +22,20 @@ def _die() -> None:
 class KillAt(L.Callback):
     """SIGKILL at ``step``: after that training step (``train``), in the middle of the validation
     that follows it (``validate``), or half-way through writing a checkpoint (``save``); or the
-    polite signals a user or a cluster sends (``sigint``, ``sigterm``)."""
+    polite signals a user or a cluster sends (``sigint``, ``sigterm``; ``sigusr1``: SLURM's
+    warning before a time limit)."""
 
     def __init__(self, moment: str, step: int) -> None:
-        assert moment in ("train", "validate", "save", "sigint", "sigterm"), moment
+        assert moment in ("train", "validate", "save", "sigint", "sigterm", "sigusr1"), moment
         self.moment = moment
         self.step = step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.moment == "train" and trainer.global_step == self.step:
             _die()
-        if self.moment in ("sigint", "sigterm") and trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT if self.moment == "sigint" else signal.SIGTERM)
+        if self.moment in ("sigint", "sigterm", "sigusr1") and trainer.global_step == self.step:
+            os.kill(os.getpid(), {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM,
+                                  "sigusr1": signal.SIGUSR1}[self.moment])
         if self.moment == "save" and trainer.global_step == self.step:
             real_save = torch.save
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.queues
+import multiprocessing.sharedctypes
+import multiprocessing.synchronize
 import os
 import random
 import signal
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from galaxy_lightning.data.prepared import read_prepared
 from galaxy_lightning.data.synthetic import SyntheticGalaxies
@@ -35,10 +39,11 @@ COMPARED = ("test/acc", "test/loss", "test/ece", "test/confusion_matrix", "test/
             "val/acc_best", "best_step", "global_step", "history")
 
 
-def galaxy_train(*args: str, run: Path, data_dir: Path) -> subprocess.CompletedProcess:
+def galaxy_train(*args: str, run: Path, data_dir: Path,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, *args,
                            f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
 def results(run: Path) -> dict:
@@ -134,6 +139,36 @@ def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(reference: tuple, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_slurm_job_warned_of_its_time_limit_requeues_itself_and_resumes_exactly(
+        reference: tuple, tmp_path: Path) -> None:
+    """SLURM sends SIGUSR1 before a job's time limit (hydra/launcher=slurm asks for it): the run
+    saves last.ckpt between two steps and calls ``scontrol requeue``; the requeued job (same
+    command, same run directory, SLURM_RESTART_COUNT=1) resumes from it by itself. scontrol is
+    a stand-in that records its arguments."""
+    expected, data_dir = reference
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "galaxy", "SLURM_PROCID": "0",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    job = tmp_path / "job"
+    first = galaxy_train("+callbacks.fault._target_=tests.faults.KillAt",
+                         "+callbacks.fault.moment=sigusr1", "+callbacks.fault.step=13",
+                         run=job, data_dir=data_dir, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert "requeued job 4242" in first.stdout
+    assert not list(job.glob("**/hpc_ckpt_*.ckpt"))  # Lightning's own mid-step save is off
+    again = galaxy_train(run=job, data_dir=data_dir, env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (job / "resumed_from.txt").read_text().strip() == str((job / "checkpoints" / "last.ckpt").resolve())
+    assert results(job) == expected
+
+
+@pytest.mark.slow
 def test_ckpt_path_last_resumes_the_newest_run_of_the_task(reference: tuple, tmp_path: Path) -> None:
     expected, data_dir = reference
     logs = tmp_path / "logs"
@@ -180,11 +215,55 @@ def test_a_killed_preparation_leaves_nothing_corrupt_and_the_next_run_recovers(t
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # cleaned up
 
 
+def _prepare_counting(data_dir: str, n: int, barrier: multiprocessing.synchronize.Barrier,
+                      count: multiprocessing.sharedctypes.Synchronized,
+                      results: multiprocessing.queues.Queue) -> None:
+    """_prepare, started together with the other process (barrier), counting simulations."""
+    real = SyntheticGalaxies._simulate
+
+    def counted(self: SyntheticGalaxies, *args: object) -> None:
+        with count.get_lock():
+            count.value += 1
+        time.sleep(1.0)  # long enough that the other process certainly arrives meanwhile
+        real(self, *args)
+
+    SyntheticGalaxies._simulate = counted
+    barrier.wait()
+    results.put(_prepare(data_dir, n))
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_preparation_is_one_line_and_leaves_nothing_half_written(tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY,
+                                "data.source.n_per_class=3000", f"paths.data_dir={tmp_path / 'data'}",
+                                f"hydra.run.dir={tmp_path / 'run'}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "data").glob(".*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err + out
+    assert err.strip().splitlines()[-1].startswith("interrupted: nothing half-written")
+    assert not [p for p in (tmp_path / "data").iterdir() if p.suffix in (".h5", ".tmp")]  # not even a temporary file
+
+
 @pytest.mark.slow
 def test_two_processes_preparing_the_same_file_share_it(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
-    with context.Pool(2) as pool:
-        paths = pool.starmap(_prepare, [(str(tmp_path), 150), (str(tmp_path), 150)])
+    barrier, count, results = context.Barrier(2), context.Value("i", 0), context.Queue()
+    processes = [context.Process(target=_prepare_counting,
+                                 args=(str(tmp_path), 150, barrier, count, results))
+                 for _ in range(2)]
+    for p in processes:
+        p.start()
+    paths = [results.get(timeout=300) for _ in processes]
+    for p in processes:
+        p.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert count.value == 1  # one simulated while the other waited on the lock, then reused it
     assert paths[0] == paths[1]
     data = read_prepared(paths[0])
     again = read_prepared(Path(_prepare(str(tmp_path), 150)))
@@ -232,11 +311,14 @@ def test_checkpoints_that_cannot_be_resumed_are_refused_in_one_line(tmp_path: Pa
     (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
     one_line(cli(f"ckpt_path={tmp_path / 'junk.ckpt'}", tmp_path=tmp_path),
              "junk.ckpt: not a readable checkpoint")
+    # refused before any data is touched, and nothing claims a resume that did not happen
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "resumed_from.txt").exists()
     trained = cli("logger=none", tmp_path=tmp_path / "a")
     assert trained.returncode == 0, trained.stderr[-2000:]
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
     one_line(cli(f"ckpt_path={last}", "model.width=2", tmp_path=tmp_path / "b"),
              "was trained with another model", "use the run's own config")
+    assert not (tmp_path / "b" / "data").exists()  # a model mismatch needs no data to be found
     one_line(cli(f"ckpt_path={last}", "data.source.image_size=48", tmp_path=tmp_path / "c",
                  data_dir=tmp_path / "a" / "data"), "was trained with another data")
     one_line(cli("ckpt_path=last", f"paths.log_dir={tmp_path / 'empty'}", tmp_path=tmp_path / "d"),
@@ -244,7 +326,11 @@ def test_checkpoints_that_cannot_be_resumed_are_refused_in_one_line(tmp_path: Pa
 
 
 def test_unusable_machines_and_directories_are_refused_in_one_line(tmp_path: Path) -> None:
-    one_line(cli("trainer=gpu", "trainer.accelerator=gpu", tmp_path=tmp_path), "trainer: ", "gpu")
+    one_line(cli("trainer=gpu", "trainer.accelerator=gpu", tmp_path=tmp_path),  # (TINY says cpu)
+             "trainer: ", "No supported gpu backend found", "trainer=cpu")
+    cores = len(os.sched_getaffinity(0))
+    one_line(cli("trainer=ddp_sim", f"trainer.devices={cores + 1}", tmp_path=tmp_path),
+             f"trainer.devices={cores + 1} CPU processes but this machine has {cores} cores")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     one_line(cli(tmp_path=tmp_path, data_dir=blocker / "data"), "cannot write in", "paths.data_dir")
@@ -275,16 +361,61 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path: Path, monkeypatch: py
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
     monkeypatch.undo()
 
-    def no_space(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise OSError(errno.ENOSPC, "No space left on device")
+    # The disk fills up half-way through a checkpoint: the file's write fails as it would
+    # (torch's zip writer then raises a RuntimeError whose context is the OSError).
+    import galaxy_lightning.checkpoints as checkpoints
 
-    monkeypatch.setattr("torch.save", no_space)
+    monkeypatch.setattr(checkpoints, "open", _filling_disk(after=4096), raising=False)
     (tmp_path / "ckpts").mkdir()
     (tmp_path / "ckpts" / "last.ckpt").write_bytes(b"the previous checkpoint")
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.ckpt \(No space left"):
-        AtomicCheckpointIO().save_checkpoint({"x": 1}, tmp_path / "ckpts" / "last.ckpt")
+        AtomicCheckpointIO().save_checkpoint({"x": torch.zeros(100_000)}, tmp_path / "ckpts" / "last.ckpt")
     assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["last.ckpt"]
     assert (tmp_path / "ckpts" / "last.ckpt").read_bytes() == b"the previous checkpoint"
+
+
+def _filling_disk(after: int):  # noqa: ANN202
+    """``open`` whose files refuse to grow beyond ``after`` bytes with ENOSPC, as a full disk."""
+    import builtins
+    import errno
+    import io
+
+    class Full(io.FileIO):
+        def write(self, data):  # noqa: ANN001, ANN202
+            if self.tell() + len(data) > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def fake_open(path, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if "w" in mode or "a" in mode:
+            return Full(path, mode.replace("b", "") or "w")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    return fake_open
+
+
+def test_a_full_disk_during_a_download_is_one_line_and_resumable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http_server) -> None:  # noqa: ANN001
+    import galaxy_lightning.data.download as download_module
+    import hashlib
+
+    from galaxy_lightning.data.download import download
+    from galaxy_lightning.errors import DataError
+
+    payload = os.urandom(3 * download_module.CHUNK)
+    http_server.files["/big.bin"] = payload
+    target = tmp_path / "big.bin"
+    full_at = int(1.5 * download_module.CHUNK)  # one block arrives, the second finds no room
+    monkeypatch.setattr(download_module, "open", _filling_disk(after=full_at), raising=False)
+    with pytest.raises(DataError, match=r"cannot write .*big.bin.part \(No space left on device\); "
+                                        r"free space"):
+        download([http_server.url("/big.bin")], target, hashlib.sha256(payload).hexdigest(), progress=False)
+    assert len(http_server.requests) == 1  # not retried, and no other mirror tried: it is local
+    assert not target.exists() and (tmp_path / "big.bin.part").stat().st_size == download_module.CHUNK
+    monkeypatch.undo()
+    download([http_server.url("/big.bin")], target, hashlib.sha256(payload).hexdigest(), progress=False)
+    assert target.read_bytes() == payload
+    assert http_server.requests[-1][1] == f"bytes={download_module.CHUNK}-"  # resumed
 
 
 def test_data_of_a_single_class_is_refused(tmp_path: Path, make_cfg) -> None:  # noqa: ANN001

@@ -101,16 +101,30 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
             start = 0
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
-        with open(part, "ab" if start else "wb") as out, \
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=f"downloading {part.name[:-5]}",
-                     disable=not progress) as bar:
+        try:
+            out = open(part, "ab" if start else "wb")
+        except OSError as err:
+            raise _cannot_write(part, err) from None
+        with out, tqdm(total=total, initial=start, unit="B", unit_scale=True,
+                       desc=f"downloading {part.name[:-5]}", disable=not progress) as bar:
             received = 0
             for block in iter(lambda: response.read(CHUNK), b""):
-                out.write(block)
+                try:
+                    out.write(block)
+                except OSError as err:  # a full disk is ours to fix, not the server's
+                    raise _cannot_write(part, err) from None
                 received += len(block)
                 bar.update(len(block))
         if length is not None and received < int(length):
             raise http.client.IncompleteRead(b"", int(length) - received)
+
+
+def _cannot_write(part: Path, err: OSError) -> DataError:
+    """A local write failure (a full disk, a read-only folder): not worth retrying or another
+    mirror. What arrived stays in the .part file, from which the next attempt resumes."""
+    return DataError(f"cannot write {part} ({err.strerror or err}); free space in the data "
+                     "directory or choose another, then run again: the download resumes from "
+                     "what arrived")
 
 
 def download(urls: Sequence[str], target: Path, sha256: str | None, timeout: float = 60.0,
