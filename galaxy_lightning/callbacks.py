@@ -115,6 +115,9 @@ class RunArtifacts(L.Callback):
         self._fit_start: float | None = None
         self.fit_seconds: float | None = None
         self.warmup_steps = 0
+        #: The checkpoint the test evaluates, when the caller knows it (train.py, evaluation);
+        #: else the best checkpoint of the fit.
+        self.tested_checkpoint: str | None = None
         # the most confident test mistakes per true class: (confidence, test row, predicted class)
         self._mistakes: dict[int, list[tuple[float, int, int]]] = {}
 
@@ -230,11 +233,15 @@ class RunArtifacts(L.Callback):
         self._figure(trainer, confusion_matrix_figure(confusion, pl_module.class_names,
                                                       title="Test confusion matrix"),
                      "test/confusion_matrix", "confusion_matrix.png")
-        self._figure(trainer, reliability_diagram_figure(count, confidence, correct,
-                                                         title="Test reliability" + (" (TTA)" if tta else "")),
-                     "test/reliability_diagram", "reliability_diagram.png")
         scalars = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith("test/") and torch.is_tensor(v) and v.numel() == 1}
+        title = "Test reliability" + (" (TTA)" if tta else "")
+        if "test/ece" in scalars and "test/ece_floor" in scalars:
+            # on a few hundred images the ECE of even a perfect model is several hundredths
+            title += (f"\nECE {scalars['test/ece']:.3f}; {scalars['test/ece_floor']:.3f} expected "
+                      f"of a perfectly calibrated model on {int(sum(count))} images")
+        self._figure(trainer, reliability_diagram_figure(count, confidence, correct, title=title),
+                     "test/reliability_diagram", "reliability_diagram.png")
         h = self.history
         checkpoint = trainer.checkpoint_callback
         metrics = {
@@ -255,8 +262,9 @@ class RunArtifacts(L.Callback):
             # run counts only its own part)
             "fit_seconds": self.fit_seconds,
             "params": count_parameters(pl_module),
-            "checkpoint": str(checkpoint.best_model_path) if checkpoint is not None
-            and getattr(checkpoint, "best_model_path", "") else None,
+            "checkpoint": self.tested_checkpoint or (
+                str(checkpoint.best_model_path) if checkpoint is not None
+                and getattr(checkpoint, "best_model_path", "") else None),
             "history": h,
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -268,10 +276,12 @@ class TensorBoardDashboard(L.Callback):
     """TensorBoard's custom-scalars layout: training and validation accuracy on one chart, the
     losses on another (the tutorial's plot, live during training), and the learning rate."""
 
+    # The tags are regular expressions that TensorBoard matches from the start of a tag name:
+    # anchored, so that "val/acc" does not also draw val/acc_best and every val/acc_class/*.
     LAYOUT = {"galaxy_lightning": {
-        "accuracy: training and validation": ["Multiline", ["train/acc", "val/acc"]],
-        "loss: training and validation": ["Multiline", ["train/loss", "val/loss"]],
-        "learning rate": ["Multiline", ["train/lr"]],
+        "accuracy: training and validation": ["Multiline", ["^train/acc$", "^val/acc$"]],
+        "loss: training and validation": ["Multiline", ["^train/loss$", "^val/loss$"]],
+        "learning rate": ["Multiline", ["^train/lr$"]],
     }}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -318,12 +328,12 @@ class LineProgressBar(ProgressBar):
             self._line(trainer, "validation")
 
 
-def progress_bar(every_n_steps: int = 100) -> ProgressBar:
+def progress_bar(every_n_steps: int = 100, rich: bool | None = None) -> ProgressBar:
     """Rich's live progress bar on a terminal; :class:`LineProgressBar` when stdout is a file or
-    a pipe (a log file, a cluster's job output)."""
+    a pipe (a log file, a cluster's job output). ``rich`` true or false chooses either always."""
     import sys
 
-    if sys.stdout.isatty():
+    if rich if rich is not None else sys.stdout.isatty():
         from lightning.pytorch.callbacks import RichProgressBar
 
         return RichProgressBar()
@@ -348,8 +358,12 @@ class BatchNormStatistics(L.Callback):
     """
 
     def __init__(self, images: int = 2048, batch_size: int = 256) -> None:
-        if images < 1 or batch_size < 1:
-            raise ValueError(f"images={images} and batch_size={batch_size} must be positive")
+        if not (isinstance(images, int) and isinstance(batch_size, int)) or images < 1 \
+                or batch_size < 1:
+            from galaxy_lightning.errors import ConfigError
+
+            raise ConfigError(f"images={images} and batch_size={batch_size} must be positive "
+                              "integers")
         self.images = images
         self.batch_size = batch_size
 
@@ -360,8 +374,9 @@ class BatchNormStatistics(L.Callback):
         if any(isinstance(c, WeightAveraging) for c in trainer.callbacks[mine + 1:]):
             from galaxy_lightning.errors import ConfigError
 
-            raise ConfigError("callbacks: bn_statistics must come after ema (the averaged weights "
-                              "are swapped in first, then their statistics computed)")
+            raise ConfigError("BatchNormStatistics must come after the weight averaging callback "
+                              "(the averaged weights are swapped in first, then their statistics "
+                              "computed): list bn_statistics after ema")
 
     @torch.no_grad()
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -385,36 +400,45 @@ class BatchNormStatistics(L.Callback):
 
 
 class WeightAverage(EMAWeightAveraging):
-    """Lightning's ``EMAWeightAveraging``, with an average that is the current weights until it
-    has started (``update_starting_at_step``).
+    """Lightning's ``EMAWeightAveraging``, with an average that is the current model until it has
+    started (``update_starting_at_step``).
 
     Lightning's callback copies the initial weights when fit begins and swaps that copy in for
     every validation, checkpoint and the end of training, whether or not averaging has begun: a
     validation before the start would judge the random initial weights (and could be checkpointed
-    as them), and a run shorter than the start would end with its initial weights. Here an
-    average that has not started follows the current weights, so everything before the start
-    behaves as without averaging."""
+    as them), and a run shorter than the start would end with its initial weights. Here, before
+    the start, validation judges the current model itself (nothing is swapped), and checkpoints
+    and the end of training take the current model as the average: a run whose averaging has not
+    started behaves exactly as one without it."""
 
-    def _follow_until_started(self, pl_module: L.LightningModule) -> None:
+    def _started(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def _follow_current(self, pl_module: L.LightningModule) -> None:
         average = self._average_model
-        if average is None or int(average.n_averaged) > 0:
+        if average is None or self._started():
             return
         for mine, current in zip(itertools.chain(average.module.parameters(), average.module.buffers()),
                                  itertools.chain(pl_module.parameters(), pl_module.buffers())):
             mine.data.copy_(current.data)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._follow_until_started(pl_module)
-        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped = self._started()
+        if self._swapped:
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "_swapped", False):
+            super().on_validation_epoch_end(trainer, pl_module)
+        self._swapped = False
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        # (called after validation has swapped the current weights back, and by GracefulStop)
-        self._follow_until_started(pl_module)
+        self._follow_current(pl_module)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._follow_until_started(pl_module)
+        self._follow_current(pl_module)
         super().on_train_end(trainer, pl_module)
 
 
@@ -431,6 +455,8 @@ class RandomStates(L.Callback):
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         version, state, gauss = random.getstate()
         return {"torch": torch.get_rng_state(),
+                # dropout on a GPU draws from the CUDA generators
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
                 "python": [version, list(state), gauss]}
 
@@ -438,61 +464,109 @@ class RandomStates(L.Callback):
         import random
 
         torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda") or []
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
         kind, keys, pos, has_gauss, cached = state_dict["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         version, state, gauss = state_dict["python"]
         random.setstate((version, tuple(state), gauss))
 
 
+def slurm_job_id() -> str | None:
+    """The SLURM job (``<array job>_<task>`` for an array task) this process runs in, if any."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job() -> str | None:
+    """``scontrol requeue <job>``: SLURM puts the job back in the queue, and it starts again with
+    the same command (and, under Hydra's submitit launcher, the same run directory)."""
+    import subprocess
+
+    job = slurm_job_id()
+    if job is None:
+        return None
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"\ncould not requeue SLURM job {job} ({err}); resume it by hand from "
+              "checkpoints/last.ckpt", flush=True)
+    return job
+
+
 class GracefulStop(L.Callback):
-    """Ctrl-C (SIGINT) or a cluster's pre-emption (SIGTERM) during training: save ``last.ckpt``
-    between two steps, draw the accuracy curve so far, and say in one line how to resume.
+    """Ctrl-C (SIGINT), a cluster's pre-emption (SIGTERM) or SLURM's warning before a time limit
+    (SIGUSR1) during training: save ``last.ckpt`` between two steps, draw the accuracy curve so
+    far, and say in one line how to resume; on SLURM, requeue the job, which then resumes from
+    that ``last.ckpt`` by itself (:func:`galaxy_lightning.train.train`).
 
     Lightning turns SIGTERM into an exception once the current step has completed, and calls
-    ``on_exception``, where the checkpoint is saved. Ctrl-C takes the same path: Python would
-    raise ``KeyboardInterrupt`` anywhere, possibly between an optimizer step and the count of
-    completed batches, so the first Ctrl-C is turned into a SIGTERM to this process (a second one
-    interrupts at once). The data loader's position, the random states and the metric counts are
-    in the checkpoint, so the resumed run continues exactly where this one stopped.
-    ``exit_code`` is 130 after Ctrl-C and 143 after SIGTERM, as the shell reports them."""
+    ``on_exception``, where the checkpoint is saved. Ctrl-C and SIGUSR1 take the same path:
+    Python would raise ``KeyboardInterrupt`` anywhere, possibly between an optimizer step and the
+    count of completed batches, and Lightning's own SLURM handler saves its checkpoint inside the
+    signal handler, wherever the step is; so both are turned into a SIGTERM to this process (a
+    second Ctrl-C interrupts at once). The data loader's position, the random states and the
+    metric counts are in the checkpoint, so the resumed run continues exactly where this one
+    stopped. ``exit_code`` is 130 after Ctrl-C and 143 after SIGTERM, as the shell reports them,
+    and 0 after a requeue (the job goes on)."""
 
     def __init__(self, dirpath: str, resume_command: str = "galaxy-train") -> None:
         self.dirpath = Path(dirpath)
         self.resume_command = resume_command
         self.saved: Path | None = None
         self.exit_code = 128 + 15
-        self._previous: Any = None
+        self.requeue = False
+        self._previous: dict[int, Any] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import signal
         import threading
 
         self.exit_code = 128 + 15
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self.requeue = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        if slurm_job_id() is not None:
+            self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         import os
         import signal
 
         self.exit_code = 128 + 2
-        self._restore_handler()  # a second Ctrl-C interrupts at once
+        self._restore_handlers()  # a second Ctrl-C interrupts at once
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _restore_handler(self) -> None:
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        import os
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        self.requeue = True
+        self.exit_code = 0
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore_handlers(self) -> None:
+        import signal
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        self._restore_handler()
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" \
-                or trainer.global_step == 0:
+        self._restore_handlers()
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        if trainer.global_step == 0:
+            if trainer.is_global_zero:
+                print("\nstopped before the first step: nothing to save; start the run again",
+                      flush=True)
             return
         path = self.dirpath / "last.ckpt"
         self._at_next_epoch_start(trainer)
@@ -501,7 +575,13 @@ class GracefulStop(L.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, RunArtifacts):
                 callback.on_fit_end(trainer, pl_module)
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        if self.requeue:
+            job = requeue_slurm_job()
+            print(f"\nSLURM time limit near at step {trainer.global_step}: saved {path}; "
+                  f"requeued job {job}, which resumes from it", flush=True)
+        else:
             what = "Ctrl-C" if self.exit_code == 130 else "SIGTERM"
             print(f"\n{what} at step {trainer.global_step}: saved {path}; resume with: "
                   f"{self.resume_command} ckpt_path={path}", flush=True)
@@ -523,7 +603,7 @@ class GracefulStop(L.Callback):
             epoch_loop.val_loop.batch_progress.total.reset()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
 
 class StepTimer(L.Callback):

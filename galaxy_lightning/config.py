@@ -51,7 +51,8 @@ def top_level_keys() -> frozenset[str]:
     groups = set()
     for entry in primary.get("defaults", []):
         if isinstance(entry, (DictConfig, Mapping)):
-            groups.update(str(k).split("@")[0].lstrip("/") for k in entry)
+            # "optional local", "override /data@x": the group's name is the last word
+            groups.update(str(k).split("@")[0].split()[-1].lstrip("/") for k in entry)
     return frozenset({str(k) for k in primary if k != "defaults"} | groups | {"hydra"})
 
 
@@ -62,9 +63,20 @@ def perf_keys() -> frozenset[str]:
 
 # -- building objects from config nodes ----------------------------------------------------------
 def _import_target(path: str, key: str) -> Any:
+    """The object at ``path``. A path that names nothing is a config error; a module that fails
+    while importing (a bug in it) keeps its own traceback; a package it needs that is not
+    installed is named. (Hydra's ``get_object`` wraps all three as ``ImportError``.)"""
     try:
         return get_object(path)
-    except Exception:  # noqa: BLE001 - Hydra raises several types for a path that does not import
+    except ImportError as err:
+        cause = err.__cause__
+        if isinstance(cause, ModuleNotFoundError) and cause.name and \
+                not path.startswith(cause.name):
+            raise ConfigError(f"{key}._target_={path!r} needs the package {cause.name!r}, which "
+                              "is not installed; install it (pip install 'galaxy_lightning[dev]' "
+                              "has every optional one)") from None
+        if cause is not None and not isinstance(cause, (ImportError, AttributeError)):
+            raise cause  # the module itself is broken: a bug, with its traceback
         raise ConfigError(f"{key}._target_={path!r} cannot be imported; check its spelling") from None
 
 
@@ -181,8 +193,12 @@ def validate_config(cfg: DictConfig) -> None:
     interval = cfg.trainer.get("val_check_interval", None)
     _require(interval is None or (isinstance(interval, (int, float)) and interval > 0),
              f"trainer.val_check_interval={interval} must be positive")
-    smoothing = cfg.get("label_smoothing", 0.0)
-    _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
-             f"label_smoothing={smoothing} must be in [0, 1)")
+    # checked before any data is prepared, by the checks of the code that takes them
+    from galaxy_lightning.module import check_label_smoothing
+    from galaxy_lightning.perf import check_matmul_precision
+
+    check_label_smoothing(cfg.get("label_smoothing", 0.0))
+    with config_key("perf"):
+        check_matmul_precision(perf.get("matmul_precision"))
     for key in ("tta", "calibrate", "train", "test"):
         _require(isinstance(cfg.get(key, False), bool), f"{key}={cfg.get(key)} must be true or false")

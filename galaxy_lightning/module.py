@@ -125,6 +125,13 @@ def evaluation_metrics(class_names: list[str]) -> MetricCollection:
     }, compute_groups=False)
 
 
+def check_label_smoothing(value: Any) -> float:
+    """``label_smoothing`` is a share of the target mass, in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"label_smoothing={value} must be in [0, 1)")
+    return float(value)
+
+
 class GalaxyClassifier(L.LightningModule):
     """Trains the network that ``model`` (a config dict with ``_target_``) describes, sized from
     ``input_spec``, with ``optimizer`` and an optional ``scheduler`` (``_partial_`` configs).
@@ -138,6 +145,7 @@ class GalaxyClassifier(L.LightningModule):
                  label_smoothing: float = 0.0, data: dict[str, Any] | None = None,
                  compile: bool = False) -> None:
         super().__init__()
+        check_label_smoothing(label_smoothing)
         # logger=False: the run's whole config, not these, goes to the loggers' hparams views.
         self.save_hyperparameters(ignore=["compile"], logger=False)
         self.spec = InputSpec.from_dict(input_spec)

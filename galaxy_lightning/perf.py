@@ -58,9 +58,22 @@ def parallel_job_threads() -> int | None:
     return max(1, cores // running)
 
 
+#: torch's float32 matrix-multiplication precisions (``torch.set_float32_matmul_precision``).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def check_matmul_precision(value: str | None) -> None:
+    if value is not None and value not in MATMUL_PRECISIONS:
+        from galaxy_lightning.errors import ConfigError
+
+        raise ConfigError(f"matmul_precision={value!r} must be one of {', '.join(MATMUL_PRECISIONS)} "
+                          "or null")
+
+
 def apply(tune_malloc_enabled: bool = True, threads: int | None = None,
           matmul_precision: str | None = None) -> None:
     """Apply the ``perf`` settings of a run config to this process."""
+    check_matmul_precision(matmul_precision)
     if tune_malloc_enabled and not tune_malloc():
         log.info("perf.tune_malloc: not a glibc system, allocator left as is")
     threads = threads or parallel_job_threads()

@@ -104,8 +104,9 @@ def test_bad_configs_are_refused_with_one_line(override: str, message: str,
 
 def test_allowed_keys_come_from_the_config_files() -> None:
     primary = OmegaConf.load(ROOT / "conf" / "train.yaml")
-    groups = {next(iter(e)) for e in primary.defaults if isinstance(e, DictConfig)}
+    groups = {next(iter(e)).split()[-1] for e in primary.defaults if isinstance(e, DictConfig)}
     assert top_level_keys() == {k for k in primary if k != "defaults"} | groups | {"hydra"}
+    assert "local" in top_level_keys() and "optional local" not in top_level_keys()
     assert perf_keys() == set(OmegaConf.load(ROOT / "conf" / "perf" / "default.yaml"))
 
 

@@ -415,6 +415,37 @@ def test_weight_averaging_is_what_is_validated_checkpointed_and_tested(
     assert torch.equal(module.state_dict()[name], averaged[name])
 
 
+def test_weight_averaging_before_it_starts_is_the_current_weights(
+        make_cfg: Callable[..., DictConfig]) -> None:
+    """Lightning's callback would validate (and checkpoint, and end with) the initial weights
+    until averaging starts; here a run whose averaging never starts is the run without it."""
+    common = ("model=bn_cnn", "callbacks.bn_statistics.images=64", "logger=none")
+    plain = train(make_cfg(*common, "callbacks=[default,bn_statistics]", run="plain"))
+    never = make_cfg(*common, "callbacks=[default,ema]", "callbacks.ema.update_starting_at_step=1000",
+                     run="never")
+    averaged = train(never)
+    for key in ("val/acc_best", "test/acc", "test/loss"):
+        assert averaged[key] == plain[key], key
+    history = json.loads((Path(never.paths.output_dir) / "metrics.json").read_text())["history"]
+    assert min(history["val_acc"]) > 0.2  # trained weights at every check, not the initial ones
+
+
+def test_calibrating_a_given_checkpoint_leaves_it_untouched(make_cfg: Callable[..., DictConfig]) -> None:
+    import hashlib
+
+    first = make_cfg("logger=none", run="first")
+    train(first)
+    best = json.loads((Path(first.paths.output_dir) / "metrics.json").read_text())["checkpoint"]
+    before = hashlib.sha256(Path(best).read_bytes()).hexdigest()
+    again = make_cfg("train=false", f"ckpt_path={best}", "calibrate=true", "logger=none", run="again")
+    metrics = train(again)
+    assert hashlib.sha256(Path(best).read_bytes()).hexdigest() == before  # the user's file
+    calibrated = Path(again.paths.output_dir) / "checkpoints" / "calibrated.ckpt"
+    assert load_classifier(calibrated).temperature.item() == pytest.approx(metrics["test/temperature"])
+    assert json.loads((Path(again.paths.output_dir) / "metrics.json").read_text())["checkpoint"] == \
+        str(calibrated)
+
+
 class _OverConfident(torch.nn.Module):
     """Logits of a fixed linear model, multiplied by 8: right ~70% of the time, sure every time."""
 

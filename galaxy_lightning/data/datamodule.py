@@ -394,7 +394,7 @@ class GalaxyDataModule(L.LightningDataModule):
     def examples(self, per_class: int = 8, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Up to ``per_class`` uint8 images of each class from a split (for image grids)."""
         data = self.split(split)
-        labels = data.labels.numpy()
+        labels = data.labels.cpu().numpy()  # (on the GPU with device_resident)
         keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
                                for c in range(self.info.num_classes)])
-        return data.images[torch.from_numpy(keep)].numpy(), labels[keep]
+        return data.images[torch.from_numpy(keep).to(data.images.device)].cpu().numpy(), labels[keep]
