@@ -42,9 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from galaxy_lightning.config import CONFIG_PACKAGE
-
-#: Galaxy10 DECaLS class counts (REFERENCE.md), for the full-size look-alike file.
-DECALS_COUNTS = (1081, 1853, 2645, 2027, 334, 2043, 1829, 2628, 1423, 1873)
+from galaxy_lightning.data.galaxy10 import DECALS_COUNTS
 
 
 def _peak_rss_mb() -> float:

@@ -35,6 +35,21 @@ DEFAULT_SCALE = 1.0 / 256.0
 FITS_READING_KEYS = ("hdu", "nan")
 
 
+#: How a source's ``display`` option may show 8-bit pixels to a person (figures only).
+DISPLAYS = (None, "linear", "asinh")
+
+
+def check_source_options(**options: Any) -> None:
+    """The options every data source shares: ``crop``, ``resize`` and ``n_per_class`` are
+    positive integers or null; ``display`` one of :data:`DISPLAYS`."""
+    for name, value in options.items():
+        if name == "display":
+            if value not in DISPLAYS:
+                raise ConfigError(f"display={value!r} must be null, 'linear' or 'asinh'")
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name}={value} must be a positive integer or null")
+
+
 class SizeMismatch(ConfigError):
     """An image whose size the training geometry does not cover (and no resize was allowed)."""
 
@@ -120,6 +135,29 @@ class InputSpec:
 
     def replace(self, **changes: Any) -> InputSpec:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_source(cls, class_names: Sequence[str], height: int, width: int, channels: int,
+                   crop: int | None, resize: int | None, source: str, display: str | None = None,
+                   **fields: Any) -> InputSpec:
+        """The spec of a data source whose images are ``height`` x ``width``: the one rule, for
+        every source, of how the ``crop`` and ``resize`` options make them square (a center crop
+        to ``crop``; without one, of the largest square when a ``resize`` is asked for; square
+        images as they are). ``source`` names the images in errors; ``display`` is the source's
+        display option (null, 'linear', 'asinh'); ``fields`` are the other spec fields."""
+        check_source_options(crop=crop, resize=resize, display=display)
+        if crop is not None and (crop > height or crop > width):
+            raise ConfigError(f"crop={crop} is larger than the {height}x{width} images of "
+                              f"{source}; lower it or set it to null")
+        if crop is None and height != width:
+            if resize is None:
+                raise ConfigError(f"{source}: images are {height}x{width}; set crop to a square "
+                                  f"size of at most {min(height, width)} (and resize, if you like)")
+            crop = min(height, width)  # the largest centred square, then the resize
+        side = crop or height
+        return cls(class_names=tuple(class_names), channels=channels, image_size=resize or side,
+                   crop=crop, resize=resize,
+                   display={"stretch": display} if display else None, **fields)
 
     # -- geometry ----------------------------------------------------------------------------------
     def conform(self, images: np.ndarray, allow_resize: bool = False,

@@ -173,6 +173,26 @@ def test_input_spec_round_trips_and_checks_itself() -> None:
         InputSpec.from_dict({**spec.to_dict(), "mean": [0.5]})
 
 
+def test_every_source_makes_its_images_square_by_one_rule() -> None:
+    """InputSpec.for_source is what the HDF5 and catalog sources (and Galaxy10) call."""
+    names = ["a", "b"]
+    square = InputSpec.for_source(names, 64, 64, 3, None, None, "f.h5")
+    assert (square.image_size, square.crop, square.resize) == (64, None, None)
+    cropped = InputSpec.for_source(names, 256, 256, 3, 96, None, "f.h5")
+    assert (cropped.image_size, cropped.crop) == (96, 96)
+    # not square: with a resize, the largest centred square is taken first
+    wide = InputSpec.for_source(names, 60, 80, 1, None, 32, "f.h5", display="asinh")
+    assert (wide.image_size, wide.crop, wide.resize, wide.display) == (32, 60, 32, {"stretch": "asinh"})
+    with pytest.raises(ConfigError, match=r"f.h5: images are 60x80; set crop to a square size of at most 60"):
+        InputSpec.for_source(names, 60, 80, 1, None, None, "f.h5")
+    with pytest.raises(ConfigError, match=r"crop=100 is larger than the 60x80 images of f.h5"):
+        InputSpec.for_source(names, 60, 80, 1, 100, None, "f.h5")
+    with pytest.raises(ConfigError, match=r"resize=0 must be a positive integer or null"):
+        InputSpec.for_source(names, 64, 64, 3, None, 0, "f.h5")
+    with pytest.raises(ConfigError, match=r"display='log' must be null, 'linear' or 'asinh'"):
+        InputSpec.for_source(names, 64, 64, 3, None, None, "f.h5", display="log")
+
+
 def test_conform_repeats_the_training_geometry() -> None:
     spec = InputSpec(class_names=("a", "b"), channels=3, image_size=32, crop=64, resize=32)
     big = np.zeros((2, 100, 100, 3), np.uint8)

@@ -42,7 +42,7 @@ from galaxy_lightning.data.images import (
 )
 from galaxy_lightning.data.prepared import PreparedWriter, announce, file_lock, provenance_matches
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
-from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.input_spec import InputSpec, check_source_options
 
 #: 2: the input spec records the FITS HDU and NaN policy; fixed stretch limits come from a seeded
 #: sample of rows; 16-bit PNGs are scaled, not clipped (files of version 1 are rebuilt).
@@ -245,13 +245,9 @@ class CatalogSource:
             raise ConfigError("give both ra_column and dec_column, or neither")
         if on_error not in ("skip", "error"):
             raise ConfigError(f"on_error={on_error!r} must be 'skip' or 'error'")
-        for name, value in (("n_per_class", n_per_class), ("crop", crop), ("resize", resize)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}={value} must be a positive integer or null")
+        check_source_options(n_per_class=n_per_class, crop=crop, resize=resize, display=display)
         if channels not in (None, 1, 3):
             raise ConfigError(f"channels={channels} must be 1, 3 or null (as the images are)")
-        if display not in (None, "linear", "asinh"):
-            raise ConfigError(f"display={display!r} must be null, 'linear' or 'asinh'")
         if votes is not None:
             unknown = sorted(set(votes) - {"question", "answers", "min_fraction", "min_votes"})
             if unknown or "question" not in votes:
@@ -564,12 +560,11 @@ class CatalogSource:
         """The input spec from the first image's shape and the geometry keys; without a crop or
         resize every image must have the first one's shape."""
         h, w, c = first.shape
-        if self.crop is not None and (self.crop > h or self.crop > w):
-            raise ConfigError(f"crop={self.crop} is larger than the {h}x{w} image {paths[0][0]}")
-        side = self.crop or min(h, w)
-        if self.crop is None and self.resize is None and h != w:
-            raise ConfigError(f"{paths[0][0]} is {h}x{w}; set crop (and resize) to make square "
-                              "images")
+        fits = is_fits(paths[0][0])
+        stretch = reader.stretch if reader.stretch is not None and fits else None
+        spec = InputSpec.for_source(names, h, w, c, self.crop, self.resize, str(paths[0][0]),
+                                    self.display, stretch=stretch,
+                                    fits={"hdu": self.fits_hdu, "nan": self.nan} if fits else None)
         if self.crop is None and self.resize is None:
             for files in paths[1:50]:
                 try:
@@ -580,11 +575,4 @@ class CatalogSource:
                     raise ConfigError(f"images differ in size ({paths[0][0].name} is {h}x{w}, "
                                       f"{files[0].name} is {shape[0]}x{shape[1]}); set crop or "
                                       "resize so that every image becomes the same size")
-        fits = is_fits(paths[0][0])
-        stretch = reader.stretch if reader.stretch is not None and fits else None
-        display = {"stretch": self.display} if self.display else None
-        return InputSpec(class_names=tuple(names), channels=c, image_size=self.resize or side,
-                         crop=self.crop if self.crop is not None else (
-                             min(h, w) if self.resize is not None and h != w else None),
-                         resize=self.resize, stretch=stretch, display=display,
-                         fits={"hdu": self.fits_hdu, "nan": self.nan} if fits else None)
+        return spec

@@ -28,8 +28,12 @@ DECALS_CLASSES = [
     "Barred Spiral", "Unbarred Tight Spiral", "Unbarred Loose Spiral", "Edge-on without Bulge",
     "Edge-on with Bulge",
 ]
+#: Images per label in the published file (17,736 in all).
+DECALS_COUNTS = (1081, 1853, 2645, 2027, 334, 2043, 1829, 2628, 1423, 1873)
 #: The tutorial's 7 classes: those with at least 1,800 images.
 TUTORIAL_CLASSES = (1, 2, 3, 5, 6, 7, 9)
+#: Their names, in the tutorial's order (also the simulator's classes).
+TUTORIAL_CLASS_NAMES = tuple(DECALS_CLASSES[label] for label in TUTORIAL_CLASSES)
 
 SDSS_URLS = ("https://zenodo.org/records/10844811/files/Galaxy10.h5",)
 SDSS_SHA256 = "969a6b1cefcc36e09fffa86febd2f699a4aa19b837ba0427f01b0bc6ded458af"

@@ -32,7 +32,7 @@ from galaxy_lightning.data.prepared import (
     provenance_matches,
 )
 from galaxy_lightning.errors import ConfigError, DataError
-from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.input_spec import InputSpec, check_source_options
 
 PREPARATION_VERSION = 1
 
@@ -76,11 +76,7 @@ class HDF5Source:
                  dedupe_keys: list[str] | None = None, seed: int = 0,
                  float_scale: float = 255.0, prepared_name: str | None = None,
                  display: str | None = None, id_key: str | None = None) -> None:
-        for name, value in (("n_per_class", n_per_class), ("crop", crop), ("resize", resize)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}={value} must be a positive integer or null")
-        if display not in (None, "linear", "asinh"):
-            raise ConfigError(f"display={display!r} must be null, 'linear' or 'asinh'")
+        check_source_options(n_per_class=n_per_class, crop=crop, resize=resize, display=display)
         if split_key is not None and n_per_class is not None:
             raise ConfigError("n_per_class cannot be combined with split_key (the file fixes the "
                               "split); set one of them to null")
@@ -157,18 +153,9 @@ class HDF5Source:
             rows, new_labels, split, stats = self._select(source, f, labels, names)
             n, h, w = len(rows), *images.shape[1:3]
             channels = images.shape[3] if images.ndim == 4 else 1
-            side = self.crop or min(h, w)
-            if self.crop is not None and (self.crop > h or self.crop > w):
-                raise ConfigError(f"crop={self.crop} is larger than the {h}x{w} images of "
-                                  f"{source}; lower it or set it to null")
-            if self.crop is None and h != w:
-                raise ConfigError(f"{source}: images are {h}x{w}; set crop to a square size of at "
-                                  f"most {min(h, w)}")
-            out_side = self.resize or side
             chosen_names = [names[c] for c in (self.classes or range(len(names)))]
-            spec = InputSpec(class_names=tuple(chosen_names), channels=channels,
-                             image_size=out_side, crop=self.crop, resize=self.resize,
-                             display={"stretch": self.display} if self.display else None)
+            spec = InputSpec.for_source(chosen_names, h, w, channels, self.crop, self.resize,
+                                        str(source), self.display)
             message = (f"preparing {target.name} from {source.name}: {n} images of "
                        f"{stats['source_rows']}, {stats['duplicates_dropped']} repeated positions "
                        f"dropped, per class {stats['kept_per_class']}")

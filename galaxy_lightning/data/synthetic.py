@@ -26,18 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from galaxy_lightning.data.galaxy10 import TUTORIAL_CLASS_NAMES
 from galaxy_lightning.data.prepared import PreparedWriter, file_lock, provenance_matches
 from galaxy_lightning.input_spec import InputSpec
 
-CLASS_NAMES = [
-    "Merging",
-    "Round Smooth",
-    "In-between Round Smooth",
-    "Barred Spiral",
-    "Unbarred Tight Spiral",
-    "Unbarred Loose Spiral",
-    "Edge-on with Bulge",
-]
+#: The tutorial's 7 Galaxy10 DECaLS classes, which the simulator draws.
+CLASS_NAMES = list(TUTORIAL_CLASS_NAMES)
 SIMULATOR_VERSION = 1
 
 # Display colours (R, G, B = z, r, g bands) of old, red stellar populations and of young, blue disks.
