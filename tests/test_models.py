@@ -41,19 +41,17 @@ def test_tutorial_cnn_is_the_course_model() -> None:
     assert model(torch.rand(5, 3, 96, 96)).shape == (5, 7)
 
 
-def test_notebook_variant_and_shapes_follow_the_data() -> None:
+def test_the_notebook_variant_has_its_parameter_count() -> None:
     assert n_params(TutorialCNN(channels=[4, 6, 9, 13], pool="max")) == 5178
-    model = TutorialCNN(in_channels=1, num_classes=10, image_size=64)
-    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 10)
-    assert model(torch.rand(2, 1, 64, 64).contiguous(memory_format=torch.channels_last)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("cls", [TutorialCNN, BNCNN, ResNet])
 @pytest.mark.parametrize("channels,classes,size", [(3, 7, 96), (1, 10, 64), (3, 4, 32)])
 def test_output_shape_follows_the_data(cls: type, channels: int, classes: int, size: int) -> None:
     model = cls(in_channels=channels, num_classes=classes, image_size=size).eval()
-    x = torch.rand(2, channels, size, size).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, channels, size, size)
     assert model(x).shape == (2, classes)
+    assert model(x.contiguous(memory_format=torch.channels_last)).shape == (2, classes)
 
 
 @pytest.mark.parametrize("model", ["tutorial_cnn", "bn_cnn", "resnet"])
