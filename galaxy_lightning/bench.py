@@ -86,7 +86,7 @@ def tutorial_loop(data_path: Path, steps: int, out: Path, eval_every: int = 100,
             accuracy(x_train[:len(y_val)], y_train[:len(y_val)])
             val = accuracy(x_val, y_val)
             if val > best:
-                best, best_state = val, copy.deepcopy(model.state_dict())
+                best, best_state = val, copy.deepcopy(model.state_dict())  # noqa: F841 (the course kept them: part of its cost)
         step_end.append(time.time())
     warm = min(20, len(step_end) - 1)
     steady = (step_end[-1] - step_end[warm]) / max(1, len(step_end) - 1 - warm)

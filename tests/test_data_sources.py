@@ -24,7 +24,7 @@ from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.train import build
 
 from .conftest import FileServer
-from .galaxy10_files import DECALS_COUNTS, write_decals, write_sdss
+from .galaxy10_files import write_decals, write_sdss
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,287 @@
+"""Every figure of a run and ``metrics.json``, to files and to every logger that takes them.
+
+:class:`RunArtifacts` owns the figures: the data examples, the tutorial's accuracy curve, the
+confusion matrices, the reliability diagram and the gallery of the most confident test mistakes.
+Each is written as a PNG in the run directory and sent to every attached logger that can take an
+image (:func:`log_image`). ``metrics.json`` uses the loggers' names for every number
+(``test/acc``, ``val/acc_best``, ...). The accuracy history lives in the callback's state, which
+Lightning stores in every checkpoint, so a resumed run still plots the whole curve.
+:class:`TensorBoardDashboard` lays out TensorBoard's custom-scalars charts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from matplotlib.figure import Figure
+
+from galaxy_lightning.models import count_parameters
+from galaxy_lightning.plots import (
+    accuracy_curve_figure,
+    confusion_matrix_figure,
+    figure_to_array,
+    image_grid_figure,
+    mistakes_figure,
+    reliability_diagram_figure,
+)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _tensorboard_image(logger: TensorBoardLogger, tag: str, image: np.ndarray, step: int) -> None:
+    logger.experiment.add_image(tag, image, step, dataformats="HWC")
+
+
+def _mlflow_image(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    # an artifact per figure and step: MLflow's UI shows them under the run's artifacts
+    logger.experiment.log_image(logger.run_id, image, artifact_file=f"figures/{tag}/step_{step:06d}.png")
+
+
+def _wandb_image(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    import wandb
+
+    logger.experiment.log({tag: wandb.Image(image), "trainer/global_step": step})
+
+
+def _image_sinks() -> list[tuple[type[Logger], Any]]:
+    """How each kind of logger takes an image: (logger class, function(logger, tag, HWC uint8,
+    step)). MLflow and W&B are optional extras: their sinks exist when they are installed."""
+    sinks: list[tuple[type[Logger], Any]] = [(TensorBoardLogger, _tensorboard_image)]
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    sinks += [(MLFlowLogger, _mlflow_image), (WandbLogger, _wandb_image)]
+    return sinks
+
+
+IMAGE_SINKS = _image_sinks()
+
+
+def log_artifact(loggers: list[Logger], path: Path) -> None:
+    """Attach a file (metrics.json) to the runs of the loggers that keep files."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path))
+        elif isinstance(logger, WandbLogger):
+            logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
+
+
+def log_image(loggers: list[Logger], tag: str, image: np.ndarray, step: int) -> None:
+    """Send an RGB uint8 (H, W, 3) image to every logger that can take one."""
+    for logger in loggers:
+        for kind, sink in IMAGE_SINKS:
+            if isinstance(logger, kind):
+                sink(logger, tag, image, step)
+                break
+
+
+def largest_drop(steps: list[int], accuracies: list[float], after_step: int = 0) -> float | None:
+    """The largest fall of validation accuracy from one check to the next, over consecutive
+    checks at or after ``after_step`` (the end of the learning-rate warm-up); 0 for a curve that
+    never falls, None with fewer than two such checks. A stable run falls by a few test images at
+    most; large falls mean that the checkpoint choice is partly noise."""
+    pairs = [(a, b) for s, a, b in zip(steps, accuracies, accuracies[1:]) if s >= after_step]
+    return max(0.0, *(a - b for a, b in pairs)) if pairs else None
+
+
+class RunArtifacts(L.Callback):
+    """Writes ``examples.png``, ``accuracy_curve.png``, ``confusion_matrix.png``,
+    ``reliability_diagram.png`` and ``metrics.json``, and logs each figure to the loggers."""
+
+    def __init__(self, output_dir: str, examples_per_class: int = 8,
+                 tags: list[str] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.examples_per_class = examples_per_class
+        self.tags = list(tags or [])
+        self.history: dict[str, list[float]] = {"train_step": [], "train_acc": [],
+                                                "val_step": [], "val_acc": []}
+        self._fit_start: float | None = None
+        self.fit_seconds: float | None = None
+        self.warmup_steps = 0
+        #: The checkpoint the test evaluates, when the caller knows it (train.py, evaluation);
+        #: else the best checkpoint of the fit.
+        self.tested_checkpoint: str | None = None
+        # the most confident test mistakes per true class: (confidence, test row, predicted class)
+        self._mistakes: dict[int, list[tuple[float, int, int]]] = {}
+
+    # -- state (saved in checkpoints) --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Resuming in a new process: continue the checkpoint's curve. In the process that trained,
+        # `trainer.test(ckpt_path="best")` also restores callback states; the live history is
+        # longer than the best checkpoint's and must not be replaced by it.
+        if not self.history["val_step"]:
+            self.history = {k: list(v) for k, v in state_dict["history"].items()}
+
+    # -- figures -----------------------------------------------------------------------------------
+    def _figure(self, trainer: L.Trainer, fig: Figure, tag: str, filename: str | None = None,
+                dpi: int = 120) -> None:
+        """Save ``fig`` as ``filename`` (if given) and log it as ``tag``; closes it."""
+        if filename is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fig.savefig(self.output_dir / filename, dpi=dpi)
+        log_image(trainer.loggers, tag, figure_to_array(fig), trainer.global_step)
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self.warmup_steps = max([int(getattr(c.scheduler, "warmup_steps", 0))
+                                 for c in trainer.lr_scheduler_configs], default=0)
+        if not trainer.is_global_zero or trainer.datamodule is None:
+            return
+        images, labels = trainer.datamodule.examples(self.examples_per_class)
+        fig = image_grid_figure(images, labels, pl_module.class_names, self.examples_per_class,
+                                display=pl_module.spec.display)
+        self._figure(trainer, fig, "data/examples", "examples.png", dpi=100)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        step = trainer.global_step
+        h = self.history
+        if "val/acc" not in metrics or (h["val_step"] and h["val_step"][-1] == step):
+            return
+        acc = float(metrics["val/acc"])
+        improved = not h["val_acc"] or acc > max(h["val_acc"])
+        h["val_step"].append(step)
+        h["val_acc"].append(acc)
+        if "train/acc" in metrics:
+            h["train_step"].append(step)
+            h["train_acc"].append(float(metrics["train/acc"]))
+        summaries = getattr(pl_module, "summaries", {}).get("val")
+        if improved and trainer.is_global_zero and summaries is not None:
+            fig = confusion_matrix_figure(summaries["confusion_matrix"].cpu().numpy(),
+                                          pl_module.class_names, title="val/confusion_matrix_at_best")
+            self._figure(trainer, fig, "val/confusion_matrix_at_best")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._fit_start is not None:
+            self.fit_seconds = time.perf_counter() - self._fit_start
+        if not trainer.is_global_zero or not self.history["val_step"]:
+            return
+        h = self.history
+        fig = accuracy_curve_figure(h["train_step"], h["train_acc"], h["val_step"], h["val_acc"],
+                                    self.best_step)
+        self._figure(trainer, fig, "curves/accuracy", "accuracy_curve.png")
+
+    @property
+    def best_step(self) -> int | None:
+        h = self.history
+        return int(h["val_step"][int(np.argmax(h["val_acc"]))]) if h["val_acc"] else None
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mistakes = {}
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Keep the ``examples_per_class`` most confident mistakes of each true class (one
+        process only: with DDP each rank sees a shard, and the rows would not line up)."""
+        if not torch.is_tensor(outputs) or trainer.world_size > 1:
+            return
+        confidence, predicted = outputs.detach().max(1)
+        labels = batch[1]
+        first = batch_idx * trainer.datamodule.eval_batch_size
+        for i in torch.nonzero(predicted != labels).flatten().tolist():
+            kept = self._mistakes.setdefault(int(labels[i]), [])
+            kept.append((float(confidence[i]), first + i, int(predicted[i])))
+            kept.sort(reverse=True)
+            del kept[self.examples_per_class:]
+
+    def _mistakes_gallery(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._mistakes or trainer.datamodule is None:
+            return
+        test = trainer.datamodule.split("test")
+        rows = [(label, conf, row, pred) for label, kept in sorted(self._mistakes.items())
+                for conf, row, pred in kept]
+        index = torch.tensor([r[2] for r in rows])
+        ids = test.columns.get("id")
+        fig = mistakes_figure(test.images[index.to(test.images.device)].cpu().numpy(),
+                              [r[0] for r in rows], [r[3] for r in rows], [r[1] for r in rows],
+                              [str(ids[r[2]]) for r in rows] if ids is not None else None,
+                              pl_module.class_names, self.examples_per_class,
+                              display=pl_module.spec.display)
+        self._figure(trainer, fig, "test/most_confident_mistakes", "mistakes.png", dpi=100)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        summaries = getattr(pl_module, "summaries", {}).get("test")
+        if not trainer.is_global_zero or summaries is None:
+            return
+        self._mistakes_gallery(trainer, pl_module)
+        confusion = summaries["confusion_matrix"].cpu().numpy()
+        count, confidence, correct = summaries["reliability"].cpu().tolist()
+        tta = bool(getattr(pl_module, "tta", False))
+        self._figure(trainer, confusion_matrix_figure(confusion, pl_module.class_names,
+                                                      title="Test confusion matrix"),
+                     "test/confusion_matrix", "confusion_matrix.png")
+        scalars = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith("test/") and torch.is_tensor(v) and v.numel() == 1}
+        title = "Test reliability" + (" (TTA)" if tta else "")
+        if "test/ece" in scalars and "test/ece_floor" in scalars:
+            # on a few hundred images the ECE of even a perfect model is several hundredths
+            title += (f"\nECE {scalars['test/ece']:.3f}; {scalars['test/ece_floor']:.3f} expected "
+                      f"of a perfectly calibrated model on {int(sum(count))} images")
+        self._figure(trainer, reliability_diagram_figure(count, confidence, correct, title=title),
+                     "test/reliability_diagram", "reliability_diagram.png")
+        h = self.history
+        checkpoint = trainer.checkpoint_callback
+        metrics = {
+            **dict(sorted(scalars.items())),
+            "test/confusion_matrix": confusion.tolist(),
+            "test/reliability": {"count": count, "confidence": confidence, "correct": correct},
+            "val/acc_best": max(h["val_acc"]) if h["val_acc"] else None,
+            # stability: the largest fall of val/acc between consecutive checks after warm-up
+            "val/acc_largest_drop": largest_drop(h["val_step"], h["val_acc"], self.warmup_steps),
+            "warmup_steps": self.warmup_steps,
+            "best_step": self.best_step,
+            "global_step": trainer.global_step,
+            "class_names": list(pl_module.class_names),
+            "tags": self.tags,
+            "tta": tta,
+            "calibrated": bool(getattr(pl_module, "calibrated", False)),
+            # wall time of this process's fit (validation and checkpoints included; a resumed
+            # run counts only its own part)
+            "fit_seconds": self.fit_seconds,
+            "params": count_parameters(pl_module),
+            "checkpoint": self.tested_checkpoint or (
+                str(checkpoint.best_model_path) if checkpoint is not None
+                and getattr(checkpoint, "best_model_path", "") else None),
+            "history": h,
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2))
+        log_artifact(trainer.loggers, self.output_dir / "metrics.json")
+
+
+class TensorBoardDashboard(L.Callback):
+    """TensorBoard's custom-scalars layout: training and validation accuracy on one chart, the
+    losses on another (the tutorial's plot, live during training), and the learning rate."""
+
+    # The tags are regular expressions that TensorBoard matches from the start of a tag name:
+    # anchored, so that "val/acc" does not also draw val/acc_best and every val/acc_class/*.
+    LAYOUT = {"galaxy_lightning": {
+        "accuracy: training and validation": ["Multiline", ["^train/acc$", "^val/acc$"]],
+        "loss: training and validation": ["Multiline", ["^train/loss$", "^val/loss$"]],
+        "learning rate": ["Multiline", ["^train/lr$"]],
+    }}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_custom_scalars(self.LAYOUT)
