@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 #: The results each job contributes, under the names the run logged them (and metrics.json has).
 RESULTS = ("val/acc_best", "test/acc", "test/ece", "test/ece_uncalibrated", "test/ece_floor",
            "val/acc_largest_drop")
-#: The results summarised over the repeats of a configuration.
-GROUPED = ("val/acc_best", "test/acc", "test/ece", "test/ece_uncalibrated", "test/ece_floor",
-           "val/acc_largest_drop")
+#: The results summarised over the repeats of a configuration: all of them.
+GROUPED = RESULTS
 COLUMNS = ["job", "overrides", *RESULTS, "best_step", "params", "fit_minutes", "status", "run_dir",
            "all_overrides"]
 #: What a repeat of one configuration varies: the seed, or the cross-validation fold.
