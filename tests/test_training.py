@@ -415,6 +415,25 @@ def test_weight_averaging_is_what_is_validated_checkpointed_and_tested(
     assert torch.equal(module.state_dict()[name], averaged[name])
 
 
+def test_recomputing_batchnorm_statistics_changes_no_training_step(
+        make_cfg: Callable[..., DictConfig]) -> None:
+    """Only what validation sees changes: the trained weights are those of a run without it (so
+    the two runs are a controlled comparison of evaluating with running or recomputed statistics)."""
+    common = ("model=bn_cnn", "logger=none", "data.augment=[dihedral]")
+    plain, recomputed = make_cfg(*common, run="plain"), make_cfg(
+        *common, "callbacks=[default,bn_statistics]", "callbacks.bn_statistics.images=64", run="bn")
+    train(plain)
+    train(recomputed)
+    weights = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+               ["state_dict"] for c in (plain, recomputed)]
+    trained = [k for k in weights[0] if k.startswith("net.") and "running_" not in k
+               and "num_batches" not in k]
+    assert any(k.endswith("weight") for k in trained)
+    for key in trained:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if "running_mean" in k)
+
+
 def test_weight_averaging_before_it_starts_is_the_current_weights(
         make_cfg: Callable[..., DictConfig]) -> None:
     """Lightning's callback would validate (and checkpoint, and end with) the initial weights

@@ -66,7 +66,12 @@ class BatchNormStatistics(L.Callback):
         batches = (datamodule.preprocess(images[i:i + self.batch_size].to(pl_module.device))
                    for i in range(0, len(images), self.batch_size))
         was_training = pl_module.training
-        update_bn(batches, pl_module)
+        # update_bn runs the network in training mode, where dropout draws from the global random
+        # generators; forked, they are left as they were, so recomputing statistics changes no
+        # later training step (a run with it trains exactly the weights of a run without it)
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            update_bn(batches, pl_module)
         pl_module.train(was_training)
 
 
