@@ -270,6 +270,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callback.resume_command = run_command()
     log.info("torch %s, %d threads, precision %s, compile %s", torch.__version__,
              torch.get_num_threads(), cfg.trainer.get("precision"), bool(cfg.perf.compile))
+    warning = perf.slow_precision_warning(cfg.trainer.get("precision"),
+                                          cfg.trainer.get("accelerator", "auto"))
+    if warning:
+        log.warning(warning)
     info = datamodule.info
     log.info("model %s: %d parameters; data %s (%d images, %dx%dx%d, %d classes)",
              cfg.model._target_, count_parameters(module),
