@@ -232,12 +232,20 @@ def _prepare_counting(data_dir: str, n: int, barrier: multiprocessing.synchroniz
     results.put(_prepare(data_dir, n))
 
 
+def _ctrl_c_reaches_python() -> None:
+    """A test suite started in the background (``make test &``, nohup) ignores SIGINT, and its
+    children inherit that: Python then installs no Ctrl-C handler and the signal is lost. What a
+    user's terminal gives, the child gets here."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_preparation_is_one_line_and_leaves_nothing_half_written(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY,
                                 "data.source.n_per_class=3000", f"paths.data_dir={tmp_path / 'data'}",
                                 f"hydra.run.dir={tmp_path / 'run'}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               preexec_fn=_ctrl_c_reaches_python)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "data").glob(".*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.05)
