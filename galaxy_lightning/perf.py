@@ -88,6 +88,15 @@ def _cuda_has_native_bf16() -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
+def _device_kind(accelerator: str) -> str:
+    """``cuda``, ``cpu``, ``mps`` or ``other``: what a Trainer ``accelerator`` trains on here."""
+    name = str(accelerator).lower()
+    if name == "auto":
+        return ("cuda" if torch.cuda.is_available()
+                else "mps" if torch.backends.mps.is_available() else "cpu")
+    return {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu", "mps": "mps"}.get(name, "other")
+
+
 def fast_precision(accelerator: str = "auto") -> str:
     """The Trainer precision of ``perf=fast`` for ``accelerator`` on this machine.
 
@@ -96,22 +105,18 @@ def fast_precision(accelerator: str = "auto") -> str:
     emulated bfloat16 is an order of magnitude slower than float32; float32 on Apple GPUs, where
     Lightning's bf16 autocast is not supported (not measured here: no such machine).
     """
-    name = str(accelerator).lower()
-    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            return "bf16-mixed"  # Lightning says that there is no GPU
-        return "bf16-mixed" if _cuda_has_native_bf16() else "16-mixed"
-    if name == "cpu" or (name == "auto" and not torch.backends.mps.is_available()):
+    kind = _device_kind(accelerator)
+    if kind == "cuda":  # without a GPU, Lightning itself says so
+        native = not torch.cuda.is_available() or _cuda_has_native_bf16()
+        return "bf16-mixed" if native else "16-mixed"
+    if kind == "cpu":
         return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-    return "32-true" if name in ("mps", "auto") else "bf16-mixed"
+    return "32-true" if kind == "mps" else "bf16-mixed"
 
 
 def slow_precision_warning(precision: object, accelerator: str = "auto") -> str | None:
     """A line to log when ``precision`` asks for bfloat16 that this CPU would only emulate."""
-    on_cpu = str(accelerator).lower() == "cpu" or (
-        str(accelerator).lower() == "auto" and not torch.cuda.is_available()
-        and not torch.backends.mps.is_available())
-    if not on_cpu or "bf16" not in str(precision) or cpu_has_native_bf16():
+    if _device_kind(accelerator) != "cpu" or "bf16" not in str(precision) or cpu_has_native_bf16():
         return None
     return (f"trainer.precision={precision}: this CPU has no bfloat16 arithmetic (AVX512-BF16 "
             "or AMX), PyTorch emulates it, about 10x slower than float32; trainer.precision=32-true "

@@ -342,6 +342,7 @@ def test_fast_precision_is_bfloat16_only_where_the_hardware_computes_in_it(
         assert (warning is None) == native
     assert "trainer.precision=32-true" in warning
     assert perf.slow_precision_warning("32-true", "cpu") is None
+    assert perf.fast_precision("mps") == "32-true"  # Lightning has no bf16 autocast there
     assert make_cfg("perf=fast", "trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for native, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
