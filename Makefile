@@ -14,7 +14,7 @@ install:  ## install torch 2.13.0 (CPU wheel here) first, then the project (edit
 test:  ## the whole test suite, slow end-to-end tests included (what CI runs)
 	$(PYTHON) -m pytest -m "slow or not slow"
 
-test-fast:  ## the fast suite only (under 5 minutes on 2 cores)
+test-fast:  ## the fast suite only (the tests not marked slow)
 	$(PYTHON) -m pytest
 
 quickstart:  ## a short run on simulated galaxies, every output of a full run
