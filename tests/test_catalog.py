@@ -28,15 +28,17 @@ from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.predict import CatalogInput, predict
 from galaxy_lightning.train import train
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gz_decals_sample"
+#: The real sample ships in the repository (examples/), never beside it.
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gz_decals_sample"
 VOTES = {"question": "smooth-or-featured"}
 
 
 @pytest.fixture(scope="module")
 def gz(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A test-local copy of the real sample (the shared files are read-only)."""
+    """A test-local copy of the real sample (tests that break files must not touch the
+    repository's copy)."""
     if not SAMPLE.is_dir():
-        pytest.fail(f"the shared fixture {SAMPLE} is missing")
+        pytest.fail(f"{SAMPLE} is missing: it is part of the repository (git checkout -- examples)")
     root = tmp_path_factory.mktemp("gz") / "gz_decals_sample"
     shutil.copytree(SAMPLE, root)
     return root
