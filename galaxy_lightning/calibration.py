@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from galaxy_lightning.checkpoints import read_checkpoint, save_atomically
 from galaxy_lightning.module import GalaxyClassifier
 
 #: The search range of T: beyond it the model is effectively broken, not miscalibrated.
@@ -70,8 +71,6 @@ def store_in_checkpoint(source: str | Path, module: GalaxyClassifier,
                         target: str | Path | None = None) -> None:
     """Write the module's temperature and inference options into the checkpoint ``source``
     (or into a copy of it at ``target``), atomically."""
-    from galaxy_lightning.checkpoints import read_checkpoint, save_atomically
-
     checkpoint = read_checkpoint(source)
     checkpoint["state_dict"]["temperature"] = module.temperature.detach().cpu().clone()
     checkpoint.setdefault("galaxy_lightning", {})["inference"] = module.inference

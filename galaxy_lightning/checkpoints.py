@@ -12,7 +12,6 @@ load. Resuming *training* from a format-1 checkpoint is refused: start a new run
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from galaxy_lightning.errors import CheckpointError
+from galaxy_lightning.files import atomic_file
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.module import CHECKPOINT_FORMAT, GalaxyClassifier
 
@@ -97,6 +97,7 @@ def load_classifier(path: str | Path) -> GalaxyClassifier:
     module = GalaxyClassifier(**hparams)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
+    module.weights_from = str(path)
     return module.set_inference(**inference).eval()
 
 
@@ -163,18 +164,13 @@ def _disk_error(err: BaseException) -> OSError | None:
 
 def save_atomically(checkpoint: dict[str, Any], path: Path) -> None:
     """``torch.save`` to ``.<name>.<pid>.tmp`` beside ``path``, flushed to disk, then renamed over
-    it; the temporary file is removed whatever happens, and leftovers of writers that were killed
-    are removed after a successful save."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    it (:func:`galaxy_lightning.files.atomic_file`: the temporary file is removed whatever
+    happens); leftovers of writers that were killed are removed after a successful save."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
         disk = _disk_error(err)
         if disk is None:
             raise

@@ -24,6 +24,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from galaxy_lightning.errors import ConfigError, config_key
+from galaxy_lightning.perf import check_matmul_precision
 
 #: The package that holds the Hydra configs (``pkg://galaxy_lightning.conf``).
 CONFIG_PACKAGE = "galaxy_lightning.conf"
@@ -61,8 +62,16 @@ def perf_keys() -> frozenset[str]:
     return frozenset(str(k) for k in config_file("perf", "default.yaml"))
 
 
+def resolved(node: Any) -> Any:
+    """A config node as plain Python containers, interpolations resolved (what checkpoints and
+    loggers store); any other value as it is."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
 # -- building objects from config nodes ----------------------------------------------------------
-def _import_target(path: str, key: str) -> Any:
+def import_target(path: str, key: str) -> Any:
     """The object at ``path``. A path that names nothing is a config error; a module that fails
     while importing (a bug in it) keeps its own traceback; a package it needs that is not
     installed is named. (Hydra's ``get_object`` wraps all three as ``ImportError``.)"""
@@ -91,7 +100,7 @@ def _build(value: Any, key: str) -> Any:
 
 
 def _call(node: dict[str, Any], key: str, filled_in: Mapping[str, Any]) -> Any:
-    target = _import_target(node["_target_"], key)
+    target = import_target(node["_target_"], key)
     kwargs = {k: _build(v, f"{key}.{k}") for k, v in node.items() if not k.startswith("_")}
     kwargs.update(filled_in)
     if node.get("_partial_", False):
@@ -124,7 +133,7 @@ def _check_keys(node: Any, key: str, filled_in: Iterable[str] = ()) -> None:
                 _check_keys(item, f"{key}[{i}]")
         return
     if "_target_" in node:
-        target = _import_target(node["_target_"], key)
+        target = import_target(node["_target_"], key)
         try:
             params = inspect.signature(target).parameters
         except (TypeError, ValueError):
@@ -149,6 +158,15 @@ def _check_keys(node: Any, key: str, filled_in: Iterable[str] = ()) -> None:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def check_label_smoothing(value: Any) -> float:
+    """``label_smoothing`` is a share of the target mass, in [0, 1). A key without a target, so
+    checked here; :class:`~galaxy_lightning.module.GalaxyClassifier` checks its argument with it
+    too, for Python callers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"label_smoothing={value} must be in [0, 1)")
+    return float(value)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -193,10 +211,7 @@ def validate_config(cfg: DictConfig) -> None:
     interval = cfg.trainer.get("val_check_interval", None)
     _require(interval is None or (isinstance(interval, (int, float)) and interval > 0),
              f"trainer.val_check_interval={interval} must be positive")
-    # checked before any data is prepared, by the checks of the code that takes them
-    from galaxy_lightning.module import check_label_smoothing
-    from galaxy_lightning.perf import check_matmul_precision
-
+    # checked before any data is prepared, with the checks of the code that takes them
     check_label_smoothing(cfg.get("label_smoothing", 0.0))
     with config_key("perf"):
         check_matmul_precision(perf.get("matmul_precision"))

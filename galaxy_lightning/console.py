@@ -1,4 +1,5 @@
-"""What a run prints: the lines that matter, not third-party banners and known deprecations.
+"""What a run prints: the lines that matter, not third-party banners and known deprecations;
+progress bars only where a person watches them.
 
 :func:`quiet_third_party` is applied by every entry point (:func:`~galaxy_lightning.errors.
 cli_boundary`). It hides exactly the lines listed here, each a banner or a warning about code
@@ -10,6 +11,9 @@ from __future__ import annotations
 import logging
 import warnings
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 #: Log lines (by their start) that are advertisements, not information.
 BANNERS = ("💡 Tip:",)
@@ -38,15 +42,22 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def print_config_tree(cfg: Any, order: tuple[str, ...] = ("data", "model", "optimizer", "scheduler",
+def progress(enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar for a long step (download, preparation, prediction) on a terminal; none when
+    stderr is redirected to a file or pipe, where its carriage returns would pile up as
+    fragments, or when ``enabled`` is false."""
+    return tqdm(disable=None if enabled else True, **kwargs)
+
+
+def print_config_tree(cfg: DictConfig, order: tuple[str, ...] = ("data", "model", "optimizer", "scheduler",
                                                         "trainer", "callbacks", "logger", "paths",
                                                         "perf")) -> None:
     """The composed run config as a tree (one branch per group), printed with rich, as the
     lightning-hydra-template does before a run starts."""
+    # deferred: rich.syntax loads pygments, which only a printed tree needs
     import rich
     import rich.syntax
     import rich.tree
-    from omegaconf import DictConfig, OmegaConf
 
     tree = rich.tree.Tree("config", guide_style="dim")
     keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order and k != "hydra"]

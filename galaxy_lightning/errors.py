@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
+from galaxy_lightning.console import quiet_third_party
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -22,6 +24,9 @@ R = TypeVar("R")
 EXIT_BAD_INPUT = 2
 #: Exit status after Ctrl-C, as the shell reports it (128 + SIGINT).
 EXIT_INTERRUPTED = 130
+#: Exit status after SIGTERM (a cluster's pre-emption, ``kill``), as the shell reports it
+#: (128 + 15).
+EXIT_TERMINATED = 143
 
 
 class GalaxyError(Exception):
@@ -61,8 +66,6 @@ def cli_boundary(main: Callable[P, R]) -> Callable[P, R]:
 
     @wraps(main)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from galaxy_lightning.console import quiet_third_party
-
         quiet_third_party()
         try:
             return main(*args, **kwargs)

@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from galaxy_lightning import perf
-from galaxy_lightning.callbacks import RunArtifacts, progress_bar, write_atomic
+from galaxy_lightning.callbacks import RunArtifacts, progress_bar
 from galaxy_lightning.checkpoints import load_classifier
 from galaxy_lightning.config import construct
 from galaxy_lightning.data.datamodule import GalaxyDataModule
 from galaxy_lightning.errors import CheckpointError, DataError, cli_boundary, config_key
+from galaxy_lightning.files import write_atomic
 from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.loggers import tensorboard_logger
 from galaxy_lightning.module import GalaxyClassifier
 
 #: Input-spec fields that may differ between a data file and the model: how the source was cut
@@ -119,19 +120,19 @@ def evaluate(checkpoint: str | Path, output_dir: str | Path, prepared: str | Non
     module = load_classifier(checkpoint).set_inference(tta=tta, calibrated=calibrated)
     datamodule = evaluation_datamodule(module, prepared, data_dir, batch_size)
     output_dir = Path(output_dir)
-    logger = TensorBoardLogger(str(output_dir), name="tensorboard", version="", default_hp_metric=False)
+    logger = tensorboard_logger(output_dir)
     # The project's progress bar: Rich on a terminal, plain lines when redirected (tqdm's default
     # bar would write carriage-return fragments into a log file).
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger,
                         callbacks=[RunArtifacts(str(output_dir)), progress_bar()],
                         enable_model_summary=False, enable_checkpointing=False)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    # metrics.json has training's keys; `checkpoint` (there: the best one, tested) is the one
-    # evaluated here, and `data` says on which file.
+    # metrics.json has training's keys (`checkpoint`: the one evaluated here, which the module
+    # records), and `data` says on which file.
     written = output_dir / "metrics.json"
     if written.is_file():
         metrics = json.loads(written.read_text())
-        metrics.update(checkpoint=str(checkpoint), data=str(datamodule.path))
+        metrics.update(data=str(datamodule.path))
         write_atomic(written, json.dumps(metrics, indent=2))
     logger.log_hyperparams({"checkpoint": str(checkpoint), "data": str(datamodule.path),
                             **module.inference},

@@ -35,6 +35,7 @@ from torch import nn
 
 from galaxy_lightning.checkpoints import load_classifier
 from galaxy_lightning.errors import CheckpointError, ConfigError, cli_boundary
+from galaxy_lightning.files import atomic_file, atomic_path, write_atomic
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.module import GalaxyClassifier
 
@@ -93,20 +94,23 @@ def export_program(module: GalaxyClassifier) -> torch.export.ExportedProgram:
 
 def export_pt2(module: GalaxyClassifier, path: Path, meta: dict[str, Any] | None = None) -> Path:
     text = json.dumps(meta or metadata(module), indent=2)
-    torch.export.save(export_program(module), str(path), extra_files={METADATA_KEY: text})
+    program = export_program(module)
+    with atomic_file(path) as f:
+        torch.export.save(program, f, extra_files={METADATA_KEY: text})
     return path
 
 
 def export_onnx(module: GalaxyClassifier, path: Path, meta: dict[str, Any] | None = None) -> Path:
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    try:  # deferred: an optional extra, which the dynamo exporter needs
+        import onnxscript  # noqa: F401
     except ImportError:
         raise ConfigError("ONNX export needs the onnx extra: pip install -e \".[onnx]\"") from None
     program = torch.onnx.export(exportable(module), (example_input(module),), None, dynamo=True,
                                 input_names=["images"], output_names=["probabilities"],
                                 dynamic_shapes=_dynamic_batch(), verbose=False)
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta or metadata(module), indent=2)
-    program.save(str(path))
+    with atomic_path(path) as tmp:  # ONNX's writer takes a file name, not a file
+        program.save(str(tmp))
     return path
 
 
@@ -126,7 +130,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, formats: tuple[str, ...]
     meta = metadata(module, checkpoint)
     writers = {"pt2": export_pt2, "onnx": export_onnx}
     written = {fmt: writers[fmt](module, out_dir / FORMATS[fmt], meta) for fmt in formats}
-    (out_dir / "model.json").write_text(json.dumps(
+    write_atomic(out_dir / "model.json", json.dumps(
         {**meta, "files": {k: v.name for k, v in written.items()}}, indent=2))
     return written
 
@@ -166,7 +170,7 @@ def _load_pt2(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str,
 
 def _load_onnx(path: Path, providers: list[str] | None
                ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
-    try:
+    try:  # deferred: an optional extra
         import onnxruntime
     except ImportError:
         raise ConfigError("running an ONNX model needs the onnx extra: pip install -e "

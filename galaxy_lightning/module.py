@@ -46,7 +46,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from galaxy_lightning.config import construct
+from galaxy_lightning.config import check_label_smoothing, construct
 from galaxy_lightning.data.augment import dihedral_views
 from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.input_spec import InputSpec, Preprocess
@@ -125,13 +125,6 @@ def evaluation_metrics(class_names: list[str]) -> MetricCollection:
     }, compute_groups=False)
 
 
-def check_label_smoothing(value: Any) -> float:
-    """``label_smoothing`` is a share of the target mass, in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(f"label_smoothing={value} must be in [0, 1)")
-    return float(value)
-
-
 class GalaxyClassifier(L.LightningModule):
     """Trains the network that ``model`` (a config dict with ``_target_``) describes, sized from
     ``input_spec``, with ``optimizer`` and an optional ``scheduler`` (``_partial_`` configs).
@@ -170,6 +163,9 @@ class GalaxyClassifier(L.LightningModule):
         self.register_buffer("temperature", torch.ones(()))
         self.tta = False
         self.calibrated = False
+        #: The checkpoint whose weights the module holds, set by whoever loads them (the run's
+        #: test, evaluation); ``metrics.json`` names it. None: weights of this process's fit.
+        self.weights_from: str | None = None
         self._compile = compile
         self._train_forward: Any = None
 

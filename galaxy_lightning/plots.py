@@ -129,34 +129,63 @@ def display_bands(channels: int) -> tuple[tuple[int, ...], str | None]:
                    "green, blue")
 
 
-def _show(ax: Any, image: np.ndarray, display: Mapping[str, Any] | None) -> None:
+def _cell(image: np.ndarray, display: Mapping[str, Any] | None) -> np.ndarray:
+    """One image as the RGB uint8 a figure shows (grey as stored, not rescaled per image)."""
     bands, _ = display_bands(image.shape[-1])
     img = display_image(image[..., list(bands)], display)
-    if img.shape[-1] == 1:  # grey as stored, not rescaled to each image's own range
-        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
-    else:
-        ax.imshow(img)
+    return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+
+
+def _label_inches(labels: Sequence[str], fontsize: float = 8) -> float:
+    """Room left of a grid for its row labels (about 0.6 em per character, and a margin)."""
+    return 0.2 + 0.6 * fontsize / 72 * max((len(label) for label in labels), default=0)
+
+
+def _mosaic_figure(cells: Sequence[Sequence[np.ndarray | None]], cell_shape: tuple[int, int],
+                   cell_inches: tuple[float, float],
+                   label_inches: float) -> tuple[Figure, Any, float, float]:
+    """One axes showing every image of a grid as one mosaic (``cells[row][column]``, None for an
+    empty cell) on white, with ``label_inches`` for a label left of each row and room for a short
+    title above each cell: one image drawn instead of one axes per cell, which matplotlib lays out
+    and draws several times slower. Returns the figure, the axes and the cell pitch (x, y)
+    in mosaic pixels; cell (r, c) starts at (c * pitch_x, r * pitch_y + title room)."""
+    h, w = cell_shape
+    rows, cols = len(cells), max(1, max((len(r) for r in cells), default=1))
+    width_in, height_in = cell_inches
+    pitch_x = w * width_in / (width_in - 0.1)  # 0.1 inch between cells
+    pitch_y = h * height_in / (width_in - 0.1)  # the same scale vertically: room for titles
+    mosaic = np.full((int(np.ceil(rows * pitch_y)), int(np.ceil(cols * pitch_x)), 3), 255, np.uint8)
+    top = pitch_y - h  # above each image: its title
+    for r, row in enumerate(cells):
+        for c, image in enumerate(row):
+            if image is not None:
+                y, x = int(round(r * pitch_y + top)), int(round(c * pitch_x))
+                mosaic[y:y + h, x:x + w] = image
+    fig = plt.figure(figsize=(label_inches + cols * width_in, rows * height_in + 0.35))
+    ax = fig.add_axes((label_inches / fig.get_figwidth(), 0.0,
+                       cols * width_in / fig.get_figwidth(),
+                       rows * height_in / fig.get_figheight()))
+    ax.imshow(mosaic, extent=(0, mosaic.shape[1], mosaic.shape[0], 0))
+    ax.set_axis_off()
+    return fig, ax, pitch_x, pitch_y
 
 
 def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                       per_class: int = 8, display: Mapping[str, Any] | None = None) -> Figure:
     """One row per class with up to ``per_class`` uint8 NHWC example images (any number of
     channels, see :func:`display_bands`)."""
-    k = len(class_names)
-    fig, axes = plt.subplots(k, per_class, figsize=(1.2 * per_class + 1.6, 1.25 * k),
-                             squeeze=False, layout="constrained")
+    images, labels = np.asarray(images), np.asarray(labels)
+    cells = [[_cell(images[i], display) for i in np.flatnonzero(labels == c)[:per_class]]
+             for c in range(len(class_names))]
+    fig, ax, _, pitch_y = _mosaic_figure(cells, images.shape[1:3], (1.2, 1.25),
+                                         _label_inches(class_names))
+    top = pitch_y - images.shape[1]
+    for c, name in enumerate(class_names):
+        ax.text(-0.1 * pitch_y, c * pitch_y + top + images.shape[1] / 2, name, ha="right",
+                va="center", fontsize=8)
     caption = display_bands(np.shape(images)[-1])[1]
     if caption:
         fig.suptitle(caption, fontsize=8)
-    for c in range(k):
-        idx = np.flatnonzero(np.asarray(labels) == c)[:per_class]
-        for j in range(per_class):
-            ax = axes[c, j]
-            ax.set_axis_off()
-            if j < len(idx):
-                _show(ax, images[idx[j]], display)
-        axes[c, 0].text(-0.08, 0.5, class_names[c], transform=axes[c, 0].transAxes,
-                        ha="right", va="center", fontsize=8)
     return fig
 
 
@@ -167,23 +196,22 @@ def mistakes_figure(images: np.ndarray, true: Sequence[int], predicted: Sequence
     """One row per true class: its most confident wrong predictions, each titled with the
     predicted class, the confidence and (when the data has one) the object's id (any number of
     channels, see :func:`display_bands`)."""
+    images = np.asarray(images)
     rows = sorted(set(true))
-    fig, axes = plt.subplots(max(1, len(rows)), per_class,
-                             figsize=(1.5 * per_class + 1.8, 1.75 * max(1, len(rows))),
-                             squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for r, label in enumerate(rows):
-        members = [i for i, t in enumerate(true) if t == label][:per_class]
-        for j, i in enumerate(members):
-            ax = axes[r, j]
-            _show(ax, images[i], display)
+    members = [[i for i, t in enumerate(true) if t == label][:per_class] for label in rows]
+    cells = [[_cell(images[i], display) for i in row] for row in members] or [[]]
+    fig, ax, pitch_x, pitch_y = _mosaic_figure(
+        cells, images.shape[1:3], (1.5, 1.75), _label_inches([f"true: {class_names[r]}" for r in rows]))
+    top = pitch_y - images.shape[1]
+    for r, (label, row) in enumerate(zip(rows, members)):
+        for c, i in enumerate(row):
             title = f"{class_names[predicted[i]][:14]} {confidence[i]:.2f}"
             if ids is not None:
                 title += f"\n{ids[i][:20]}"
-            ax.set_title(title, fontsize=6)
-        axes[r, 0].text(-0.08, 0.5, f"true: {class_names[label]}", transform=axes[r, 0].transAxes,
-                        ha="right", va="center", fontsize=8)
+            ax.text((c * pitch_x) + images.shape[2] / 2, r * pitch_y + top * 0.9, title,
+                    ha="center", va="bottom", fontsize=6)
+        ax.text(-0.1 * pitch_y, r * pitch_y + top + images.shape[1] / 2, f"true: {class_names[label]}",
+                ha="right", va="center", fontsize=8)
     caption = display_bands(np.shape(images)[-1])[1]
     fig.suptitle("Most confident test mistakes (predicted class, confidence)"
                  + (f"; {caption}" if caption else ""), fontsize=9)

@@ -26,13 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
+from galaxy_lightning import console
 from galaxy_lightning.checkpoints import load_classifier
-from galaxy_lightning.data.catalog import _as_str, _column, read_table, resolve_image_paths
+from galaxy_lightning.data.catalog import read_table, resolve_image_paths, table_column
 from galaxy_lightning.data.images import FITS_SUFFIXES, RASTER_SUFFIXES, ImageReader, read_images
+from galaxy_lightning.data.selection import as_text
 from galaxy_lightning.errors import ConfigError, DataError, cli_boundary
+from galaxy_lightning.files import atomic_file
 from galaxy_lightning.input_spec import InputSpec, SizeMismatch
 from galaxy_lightning.module import GalaxyClassifier
 
@@ -106,8 +110,6 @@ def file_jobs(inputs: list[str]) -> tuple[list[tuple[str, tuple[Path, ...]]], li
 def h5_batches(path: Path, key: str, block: int = 1024
                ) -> Iterator[tuple[list[str], np.ndarray, dict[str, np.ndarray]]]:
     """Blocks of (names, uint8 images, identity columns) of an HDF5 array of images."""
-    import h5py
-
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -124,7 +126,7 @@ def h5_batches(path: Path, key: str, block: int = 1024
             stop = min(start + block, len(data))
             columns = {k: np.asarray(v[start:stop]) for k, v in identity.items()}
             if "id" in columns:
-                columns["id"] = _as_str(columns["id"])
+                columns["id"] = as_text(columns["id"])
             yield [f"{path}[{i}]" for i in range(start, stop)], data[start:stop], columns
 
 
@@ -153,8 +155,6 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
             ) -> tuple[int, list[tuple[str, str]]]:
     """Write predictions to ``out_csv``; return (images predicted, [(file, reason skipped)]).
     ``tta`` and ``calibrated`` default to the run's own inference options."""
-    from tqdm.auto import tqdm
-
     module = load_classifier(checkpoint).set_inference(tta=tta, calibrated=calibrated)
     spec = prediction_spec(module)
     reader = ImageReader.for_spec(spec, allow_resize)
@@ -170,8 +170,8 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
                                        catalog.match or "path", rows)
         for key, column in zip(IDENTITY, (catalog.id_column, catalog.ra_column, catalog.dec_column)):
             if column:
-                values = _column(table, column, f"--{key}-column", path)
-                job_columns[key] = _as_str(values) if key == "id" else values
+                values = table_column(table, column, f"--{key}-column", path)
+                job_columns[key] = as_text(values) if key == "id" else values
         first = len(jobs)
         for i, files in enumerate(paths):
             name = str(files[0]) if files else f"{path.name} row {i}"
@@ -183,51 +183,46 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
     h5_inputs = [Path(i) for i in inputs if Path(i).suffix.lower() in (".h5", ".hdf5")]
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
     done = 0
-    try:
-        with open(tmp, "w", newline="") as f, tqdm(desc="predicting", unit="img",
-                                                   disable=not progress) as bar:
-            writer = PredictionWriter(f, list(spec.class_names),
-                                      identity=bool(job_columns) or bool(h5_inputs))
-            pending: list[tuple[int, np.ndarray]] = []
+    with atomic_file(out_csv, "w", newline="") as f, \
+            console.progress(desc="predicting", unit="img", enabled=progress) as bar:
+        writer = PredictionWriter(f, list(spec.class_names),
+                                  identity=bool(job_columns) or bool(h5_inputs))
+        pending: list[tuple[int, np.ndarray]] = []
 
-            def flush() -> None:
-                nonlocal done
-                if pending:
-                    index = [i for i, _ in pending]
-                    probs = module.probabilities(torch.from_numpy(np.stack([img for _, img in pending])))
-                    writer.rows([jobs[i][0] for i in index], probs,
-                                {k: v[index] for k, v in job_columns.items()})
-                    done += len(pending)
-                    bar.update(len(pending))
-                    pending.clear()
+        def flush() -> None:
+            nonlocal done
+            if pending:
+                index = [i for i, _ in pending]
+                probs = module.probabilities(torch.from_numpy(np.stack([img for _, img in pending])))
+                writer.rows([jobs[i][0] for i in index], probs,
+                            {k: v[index] for k, v in job_columns.items()})
+                done += len(pending)
+                bar.update(len(pending))
+                pending.clear()
 
-            readable = [(i, files) for i, (_, files) in enumerate(jobs) if files]
-            for index, result in read_images(reader, readable, workers):
-                if isinstance(result, Exception):
-                    reason = str(result).removeprefix(f"{jobs[index][0]}: ")
-                    skipped.append((jobs[index][0], f"{reason} (--resize)"
-                                    if isinstance(result, SizeMismatch) else reason))
-                    continue
-                pending.append((index, result))
-                if len(pending) >= batch_size:
-                    flush()
-            flush()
-            for h5 in h5_inputs:
-                for names, images, columns in h5_batches(h5, h5_key):
-                    try:
-                        images = spec.conform(images, allow_resize)
-                    except ConfigError as err:
-                        skipped.append((str(h5), str(err)))
-                        break
-                    writer.rows(names, module.probabilities(torch.from_numpy(np.ascontiguousarray(images))),
-                                columns)
-                    done += len(names)
-                    bar.update(len(names))
-        tmp.replace(out_csv)
-    finally:
-        tmp.unlink(missing_ok=True)
+        readable = [(i, files) for i, (_, files) in enumerate(jobs) if files]
+        for index, result in read_images(reader, readable, workers):
+            if isinstance(result, Exception):
+                reason = str(result).removeprefix(f"{jobs[index][0]}: ")
+                skipped.append((jobs[index][0], f"{reason} (--resize)"
+                                if isinstance(result, SizeMismatch) else reason))
+                continue
+            pending.append((index, result))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        for h5 in h5_inputs:
+            for names, images, columns in h5_batches(h5, h5_key):
+                try:
+                    images = spec.conform(images, allow_resize)
+                except ConfigError as err:
+                    skipped.append((str(h5), str(err)))
+                    break
+                writer.rows(names, module.probabilities(torch.from_numpy(np.ascontiguousarray(images))),
+                            columns)
+                done += len(names)
+                bar.update(len(names))
     return done, skipped
 
 

@@ -3,6 +3,12 @@
 ``galaxy-train`` (and ``python train.py`` in a checkout, ``python -m galaxy_lightning.train``) is
 the Hydra entry point :func:`main`; tests call :func:`train` directly with a config from
 ``hydra.compose``.
+
+A run is set up in three steps, cheapest first, so that a bad value is refused before any data is
+downloaded or simulated: :func:`build` (the DataModule, the Trainer with its callbacks, loggers
+and plugins: objects only), :func:`prepare_data` (download, simulate or read the data) and
+:func:`build_module` (the classifier, sized from the prepared data). :func:`build_and_prepare`
+takes all three for tests and Python callers that want a fit-ready set.
 """
 
 from __future__ import annotations
@@ -18,17 +24,17 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from galaxy_lightning import perf
 from galaxy_lightning.calibration import calibrate, store_in_checkpoint
-from galaxy_lightning.callbacks import GracefulStop, RunArtifacts
+from galaxy_lightning.callbacks import GracefulStop
 from galaxy_lightning.checkpoints import (
     AtomicCheckpointIO,
     check_data_of_checkpoint,
@@ -37,27 +43,32 @@ from galaxy_lightning.checkpoints import (
     read_checkpoint,
     read_resumable,
 )
-from galaxy_lightning.config import CONFIG_PACKAGE, construct, validate_config
+from galaxy_lightning.config import (
+    CONFIG_PACKAGE,
+    construct,
+    import_target,
+    resolved,
+    validate_config,
+)
 from galaxy_lightning.console import print_config_tree, quiet_third_party
 from galaxy_lightning.data.datamodule import GalaxyDataModule
-from galaxy_lightning.errors import ConfigError, cli_boundary, config_key
+from galaxy_lightning.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_TERMINATED,
+    ConfigError,
+    cli_boundary,
+    config_key,
+)
+from galaxy_lightning.files import write_atomic
+from galaxy_lightning.loggers import build_loggers, finish_loggers, log_run_hyperparameters
 from galaxy_lightning.models import count_parameters
 from galaxy_lightning.module import GalaxyClassifier
 
 log = logging.getLogger(__name__)
 
-#: What the hparams views of the loggers show of a run: every top-level config key (so a new key
-#: is recorded without a second list to update) but those that say where, how or what to print,
-#: not what was trained ...
-NOT_HPARAMS = frozenset({"hydra", "paths", "logger", "callbacks", "perf", "ckpt_path", "train",
-                         "test", "print_config", "optimized_metric", "task_name", "experiment",
-                         "debug", "hparams_search", "local"})
-#: ... against these results.
-HPARAM_METRICS = ("val/acc_best", "test/acc", "test/ece")
-
-
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+#: Callbacks that only feed loggers, and that Lightning refuses to run without one: with
+#: ``logger=none`` they are not built.
+LOGGER_ONLY_CALLBACKS: tuple[type[L.Callback], ...] = (LearningRateMonitor,)
 
 
 def _scalars(trainer: L.Trainer) -> dict[str, float]:
@@ -66,56 +77,94 @@ def _scalars(trainer: L.Trainer) -> dict[str, float]:
             if torch.is_tensor(v) and v.numel() == 1}
 
 
-def build(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Trainer]:
-    """The DataModule, the LightningModule (sized from the prepared file's input spec) and the
-    Trainer. Cheap objects are built first, so that their own checks refuse a bad value before
-    any data is downloaded or simulated."""
+def build(cfg: DictConfig) -> tuple[GalaxyDataModule, L.Trainer]:
+    """The DataModule and the Trainer with its callbacks, loggers and plugins: objects only, no
+    data touched, so that their own checks refuse a bad value before any data is downloaded or
+    simulated (:func:`prepare_data` is the next step)."""
     datamodule: GalaxyDataModule = construct(cfg.data, "data")
-    callbacks = [construct(c, f"callbacks.{name}")
-                 for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
-    loggers: list[Logger] = [_construct_logger(lg, name)
-                             for name, lg in (cfg.get("logger") or {}).items() if lg is not None]
-    if not loggers:  # Lightning's LearningRateMonitor refuses to run without a logger to feed
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    tag_loggers(loggers, list(cfg.get("tags") or []))
+    logger_nodes = cfg.get("logger") or {}
+    with_loggers = any(node is not None for node in logger_nodes.values())
+    callbacks = build_callbacks(cfg.get("callbacks") or {}, with_loggers)
+    loggers = build_loggers(logger_nodes, list(cfg.get("tags") or []))
     check_devices(cfg.trainer)
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        # SLURM's SIGUSR1 before a time limit is GracefulStop's (a checkpoint between steps, then
-        # a requeue), not Lightning's (a checkpoint from inside the signal handler, mid-step)
-        plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
         trainer: L.Trainer = construct(cfg.trainer, "trainer", callbacks=callbacks,
-                                       logger=loggers or False, plugins=plugins)
+                                       logger=loggers or False, plugins=trainer_plugins())
     except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as err:
         # Lightning's own checks of its settings (accelerator, devices, precision, strategy)
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"trainer: {' '.join(str(err).split())}; {TRAINER_FIX}") from None
+    return datamodule, trainer
+
+
+def prepare_data(datamodule: GalaxyDataModule) -> None:
+    """Download, simulate or read the data, whichever its source does: the one expensive step of
+    setting up a run (a prepared file that is up to date is reused)."""
     with config_key("data"):
         datamodule.prepare_data()
-    module = GalaxyClassifier(model=_container(cfg.model), input_spec=datamodule.spec.to_dict(),
-                              optimizer=_container(cfg.optimizer),
-                              scheduler=_container(cfg.get("scheduler")) or None,
+
+
+def build_module(cfg: DictConfig, datamodule: GalaxyDataModule) -> GalaxyClassifier:
+    """The classifier, sized from the prepared data's input spec (:func:`prepare_data` first)."""
+    module = GalaxyClassifier(model=resolved(cfg.model), input_spec=datamodule.spec.to_dict(),
+                              optimizer=resolved(cfg.optimizer),
+                              scheduler=resolved(cfg.get("scheduler")) or None,
                               label_smoothing=float(cfg.get("label_smoothing", 0.0)),
-                              data=_container(cfg.data), compile=bool(cfg.perf.compile))
-    module.set_inference(tta=bool(cfg.get("tta", False)))
-    return datamodule, module, trainer
+                              data=resolved(cfg.data), compile=bool(cfg.perf.compile))
+    return module.set_inference(tta=bool(cfg.get("tta", False)))
+
+
+def build_and_prepare(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifier, L.Trainer]:
+    """:func:`build`, :func:`prepare_data` and :func:`build_module`, in :func:`train`'s order:
+    everything a ``trainer.fit(module, datamodule=datamodule)`` needs."""
+    datamodule, trainer = build(cfg)
+    prepare_data(datamodule)
+    return datamodule, build_module(cfg, datamodule), trainer
+
+
+def build_callbacks(nodes: DictConfig | dict[str, Any], with_loggers: bool) -> list[L.Callback]:
+    """The configured callbacks, each given at construction what only the run knows: a callback
+    that takes ``resume_command`` (:class:`~galaxy_lightning.callbacks.GracefulStop`) gets the
+    command line that resumes this run. Without loggers, :data:`LOGGER_ONLY_CALLBACKS` are left
+    out (decided from the target class, before anything is built)."""
+    run = {"resume_command": run_command()}
+    callbacks = []
+    for name, node in nodes.items():
+        if node is None:
+            continue
+        key = f"callbacks.{name}"
+        target = import_target(node["_target_"], key) if "_target_" in node else None
+        if not with_loggers and isinstance(target, type) \
+                and issubclass(target, LOGGER_ONLY_CALLBACKS):
+            continue
+        takes = _parameters(target)
+        callbacks.append(construct(node, key, **{k: v for k, v in run.items() if k in takes}))
+    return callbacks
+
+
+def _parameters(target: Any) -> set[str]:
+    """The names a callable takes (none for a target without a signature, or no target)."""
+    try:
+        return set(inspect.signature(target).parameters) if target is not None else set()
+    except (TypeError, ValueError):
+        return set()
+
+
+def trainer_plugins() -> list[Any]:
+    """Checkpoints written atomically; under SLURM, the cluster environment with Lightning's own
+    requeue off: SLURM's SIGUSR1 before a time limit is GracefulStop's (a checkpoint between
+    steps, then ``scontrol requeue``), not Lightning's (a checkpoint from inside the signal
+    handler, mid-step, as ``hpc_ckpt_<n>.ckpt``)."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 #: What to do about a trainer setting this machine cannot satisfy.
 TRAINER_FIX = ("choose settings this machine has: trainer=cpu, or trainer.accelerator=auto "
                "trainer.devices=1 (see conf/trainer/)")
-
-
-def _construct_logger(node: DictConfig, name: str) -> Logger:
-    """A logger; an optional one whose package is not installed is one line naming the extra."""
-    try:
-        return construct(node, f"logger.{name}")
-    except ModuleNotFoundError as err:
-        raise ConfigError(f"logger.{name}: needs the package {err.name!r}, which is not "
-                          "installed; pip install 'galaxy_lightning[loggers]' (or choose another "
-                          "logger)") from None
 
 
 def check_devices(trainer: DictConfig) -> None:
@@ -136,45 +185,13 @@ def check_devices(trainer: DictConfig) -> None:
                               f"lower trainer.devices (at most {visible})")
 
 
-def tag_loggers(loggers: list[Logger], tags: list[str]) -> None:
-    """Record the run's tags with every logger: MLflow run tags, W&B tags (its config already
-    passes them), a TensorBoard text entry; all of them also get ``tags`` among the hparams."""
-    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-
-    if not tags:
-        return
-    for logger in loggers:
-        if isinstance(logger, MLFlowLogger):
-            logger.tags = {**(logger.tags or {}), **{str(t): "true" for t in tags},
-                           "tags": ", ".join(map(str, tags))}
-        elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_text("tags", ", ".join(map(str, tags)), 0)
-
-
-def log_run_hyperparameters(trainer: L.Trainer, cfg: DictConfig,
-                            metrics: dict[str, float] | None = None) -> None:
-    """Record the run's config in every logger's hparams view (each logger flattens the nested
-    config itself): at the start of the run, so that a run that is stopped, or that does not
-    test, is recorded too; and with ``metrics`` at its end for the loggers that take metrics
-    with their hyperparameters (TensorBoard's hparams view), under the names the run logged."""
-    from galaxy_lightning.config import top_level_keys
-
-    params = {k: _container(cfg.get(k)) for k in sorted(top_level_keys() - NOT_HPARAMS) if k in cfg}
-    for logger in trainer.loggers:
-        takes_metrics = "metrics" in inspect.signature(logger.log_hyperparams).parameters
-        if metrics is None:
-            logger.log_hyperparams(params)
-        elif takes_metrics:
-            results = {k: metrics[k] for k in HPARAM_METRICS if k in metrics}
-            logger.log_hyperparams(params, metrics=results, step=trainer.global_step)
-
-
 def load_weights(module: GalaxyClassifier, checkpoint: str) -> None:
     """The weights the checkpoint was saved with (with weight averaging: the averaged weights,
     which is what Lightning's EMA callback stores under ``state_dict``) and its temperature."""
     state = read_checkpoint(checkpoint)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])
+    module.weights_from = checkpoint
     module.set_inference(calibrated=state.get("galaxy_lightning", {}).get("inference", {})
                          .get("calibrated", False))
 
@@ -192,6 +209,7 @@ def calibrate_checkpoint(trainer: L.Trainer, module: GalaxyClassifier,
     if trainer.is_global_zero:
         store_in_checkpoint(checkpoint, module, target)
     trainer.strategy.barrier("calibrated")
+    module.weights_from = str(target)  # the tested weights, now with their temperature
     log.info("temperature scaling: T = %.3f fitted on %d validation images; stored in %s",
              temperature, len(val), target)
     return target
@@ -216,8 +234,6 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
 def run_command() -> str:
     """The command line of this run without its ``ckpt_path``: what resumes it, given one."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
     except ValueError:  # not started by Hydra (a test or a Python caller)
         overrides = []
@@ -227,7 +243,7 @@ def run_command() -> str:
 def _write_run_file(output_dir: Path, name: str, text: str) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / name).write_text(text)
+        write_atomic(output_dir / name, text)
     except OSError as err:
         raise ConfigError(f"cannot write the run directory {output_dir} ({err.strerror or err}); "
                           "choose a writable paths.log_dir with free space") from None
@@ -236,9 +252,9 @@ def _write_run_file(output_dir: Path, name: str, text: str) -> None:
 def prepare_output_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
     """The run directory with the resolved config."""
     output_dir = Path(cfg.paths.output_dir)
-    resolved = {k: _container(v) for k, v in cfg.items() if k != "hydra"}
-    resolved["ckpt_path"] = ckpt_path
-    _write_run_file(output_dir, "config.yaml", OmegaConf.to_yaml(resolved))
+    config = {k: resolved(v) for k, v in cfg.items() if k != "hydra"}
+    config["ckpt_path"] = ckpt_path
+    _write_run_file(output_dir, "config.yaml", OmegaConf.to_yaml(config))
     return output_dir
 
 
@@ -250,7 +266,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resuming = bool(ckpt_path) and cfg.get("train", True)
     if ckpt_path:  # readable, resumable, the same network: checked before any data is touched
         checkpoint = read_resumable(ckpt_path, resuming=resuming)
-        check_model_of_checkpoint(ckpt_path, checkpoint, _container(cfg.model))
+        check_model_of_checkpoint(ckpt_path, checkpoint, resolved(cfg.model))
     output_dir = prepare_output_dir(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     perf.apply(cfg.perf.get("tune_malloc", True), cfg.perf.get("threads"),
@@ -258,16 +274,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("print_config", False) and os.environ.get("LOCAL_RANK", "0") == "0":
         print_config_tree(cfg)
-    datamodule, module, trainer = build(cfg)
+    datamodule, trainer = build(cfg)  # objects and their checks, before any data is touched
+    prepare_data(datamodule)
+    module = build_module(cfg, datamodule)
     if ckpt_path:  # ... for the same data
         check_data_of_checkpoint(ckpt_path, checkpoint, module.hparams["input_spec"])
         del checkpoint
         if resuming:
             _write_run_file(output_dir, "resumed_from.txt", f"{Path(ckpt_path).resolve()}\n")
     log_run_hyperparameters(trainer, cfg)
-    for callback in trainer.callbacks:
-        if isinstance(callback, GracefulStop):
-            callback.resume_command = run_command()
     log.info("torch %s, %d threads, precision %s, compile %s", torch.__version__,
              torch.get_num_threads(), cfg.trainer.get("precision"), bool(cfg.perf.compile))
     warning = perf.slow_precision_warning(cfg.trainer.get("precision"),
@@ -283,8 +298,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # stopped by Ctrl-C or SIGTERM, after GracefulStop saved
+            # the exit status depends on the signal, which only GracefulStop saw
             stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
-            raise SystemExit(stop.exit_code if stop is not None else 128 + 15) from None
+            raise SystemExit(stop.exit_code if stop is not None else EXIT_TERMINATED) from None
     metrics = _scalars(trainer)
 
     if cfg.get("test", True):
@@ -297,14 +313,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # The tested weights are loaded here rather than by trainer.test(ckpt_path=...): after a
         # fit with weight averaging, Lightning's EMA callback would restore the online weights
         # (its `current_model_state`) instead of the averaged ones the checkpoint was chosen for.
+        # Loading them records their checkpoint in the module (`weights_from`), which is how
+        # metrics.json learns which checkpoint was tested: it is known only now, after the fit.
         if weights is not None:
             load_weights(module, weights)
             if cfg.get("calibrate", False):
-                weights = str(calibrate_checkpoint(trainer, module, datamodule, weights, output_dir,
-                                                   own=bool(cfg.get("train", True))))
-        for callback in trainer.callbacks:
-            if isinstance(callback, RunArtifacts):
-                callback.tested_checkpoint = weights
+                calibrate_checkpoint(trainer, module, datamodule, weights, output_dir,
+                                     own=bool(cfg.get("train", True)))
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update(_scalars(trainer))
         log_run_hyperparameters(trainer, cfg, metrics)
@@ -313,18 +328,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
                  output_dir)
     finish_loggers(trainer)
     return metrics
-
-
-def finish_loggers(trainer: L.Trainer) -> None:
-    """Close what the loggers keep open, so that their stores are complete when the run returns
-    (W&B writes its run file in a background service until the run is finished; each job of a
-    sweep is its own W&B run)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        logger.finalize("success")
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            logger.experiment.finish()
 
 
 class RunDirectoryCheck(Callback):
@@ -348,7 +351,7 @@ class RunDirectoryCheck(Callback):
         except OSError as err:
             print(f"error: cannot create the run directory {directory} ({err.strerror or err}); "
                   "choose a writable paths.log_dir with free space", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def compose_run(overrides: list[str], output_dir: Path, data_dir: Path) -> DictC
         cfg.paths.log_dir = str(output_dir.parent)
         cfg.paths.data_dir = str(data_dir)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, dict, Path]:
+    """One trained run of the tiny config, shared by every test that needs a trained checkpoint
+    (evaluation, prediction, export, refused resumes): (best checkpoint, its metrics.json, the
+    data dir). Tests read it; a test that damages a file copies it first."""
+    from galaxy_lightning.train import train  # deferred: the package is imported by the tests
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = compose_run(TINY, run, data_dir)
+    train(cfg)
+    GlobalHydra.instance().clear()
+    metrics = json.loads((run / "metrics.json").read_text())
+    return Path(metrics["checkpoint"]), metrics, data_dir
 
 
 @pytest.fixture

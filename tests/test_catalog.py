@@ -15,18 +15,14 @@ from astropy.io import fits
 from astropy.table import Table
 from omegaconf import DictConfig
 
-from galaxy_lightning.data.catalog import CatalogSource, _column, labels_from_votes, read_table
-from galaxy_lightning.data.images import (
-    DEFAULT_STRETCH,
-    check_stretch,
-    fill_nan,
-    read_image,
-    stretch_to_uint8,
-)
+from galaxy_lightning.data.catalog import CatalogSource, labels_from_votes, read_table, table_column
+from galaxy_lightning.data.images import DEFAULT_STRETCH, check_stretch, fill_nan, stretch_to_uint8
 from galaxy_lightning.data.prepared import read_prepared
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.predict import CatalogInput, predict
 from galaxy_lightning.train import train
+
+from .helpers import read_image
 
 #: The real sample ships in the repository (examples/), never beside it.
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gz_decals_sample"
@@ -344,9 +340,9 @@ def test_parquet_nulls_are_blank_cells_as_in_a_csv(tmp_path: Path) -> None:
     }), tmp_path / "cutouts" / "blanks.parquet")
     tables = {s: read_table(tmp_path / "cutouts" / f"blanks.{s}") for s in ("csv", "parquet")}
     for name in ("objid", "label", "ra", "klass"):
-        from_csv, from_parquet = (_column(t, name, name, catalog) for t in tables.values())
+        from_csv, from_parquet = (table_column(t, name, name, catalog) for t in tables.values())
         np.testing.assert_array_equal(from_parquet, from_csv, err_msg=name)
-    assert "None" not in list(_column(tables["parquet"], "label", "label", catalog))
+    assert "None" not in list(table_column(tables["parquet"], "label", "label", catalog))
     prepared = {}
     for suffix in ("csv", "parquet"):
         source = CatalogSource(str(tmp_path / "cutouts" / f"blanks.{suffix}"), ["{objid}.fits"],

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from galaxy_lightning.config import construct, perf_keys, top_level_keys, validate_config
 from galaxy_lightning.errors import ConfigError
-from galaxy_lightning.train import build
+from galaxy_lightning.train import build_and_prepare, main
+
+from .cli import Result, in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +68,7 @@ def test_experiments_and_debug_presets_compose(option: str, make_cfg: Callable[.
 def test_quickstart_preset_builds_everything(make_cfg: Callable[..., DictConfig]) -> None:
     cfg = make_cfg("experiment=quickstart", "data.source.n_per_class=10",
                    "data.splits=[40,15,15]", tiny=False)
-    datamodule, module, trainer = build(cfg)
+    datamodule, module, trainer = build_and_prepare(cfg)
     assert trainer.max_steps == 400 and datamodule.batch_size == 200
     assert sum(p.numel() for p in module.parameters()) == 2729
 
@@ -78,7 +77,7 @@ def refuse(cfg: DictConfig) -> None:
     """Everything a run checks before its first training step: the config, then each target's
     own checks as it is built (data, model, trainer), then the optimizer and its schedule."""
     validate_config(cfg)
-    _, module, _ = build(cfg)
+    _, module, _ = build_and_prepare(cfg)
     module.configure_optimizers()
 
 
@@ -110,11 +109,11 @@ def test_allowed_keys_come_from_the_config_files() -> None:
     assert perf_keys() == set(OmegaConf.load(ROOT / "conf" / "perf" / "default.yaml"))
 
 
-def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args,
-                           f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+def run_cli(*args: str, tmp_path: Path) -> Result:
+    """``train.py args`` through the command line's own boundary, in this process (the process
+    boundary itself is tested once, in test_faults.py)."""
+    return in_process(main, *args, f"paths.data_dir={tmp_path / 'data'}",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
 
 
 def test_cli_refuses_bad_values_before_training(tmp_path: Path) -> None:

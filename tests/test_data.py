@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig
 
 from galaxy_lightning.data.augment import (
-    DIHEDRAL_INVERSE,
     Augmentation,
     dihedral,
     dihedral_views,
@@ -28,12 +27,13 @@ from galaxy_lightning.data.prepared import (
     provenance_matches,
     read_info,
     read_prepared,
-    write_prepared,
 )
 from galaxy_lightning.data.synthetic import CLASS_NAMES, SyntheticGalaxies, simulate
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.input_spec import InputSpec, Preprocess, SizeMismatch
-from galaxy_lightning.train import build
+from galaxy_lightning.train import build, build_and_prepare
+
+from .helpers import DIHEDRAL_INVERSE, write_prepared
 
 
 # -- the simulator -------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ def test_random_rotation_keeps_pixel_statistics() -> None:
                                      "data.augment=[shift]"])
 def test_augmentation_keeps_labels(make_cfg: Callable[..., DictConfig], augment: str) -> None:
     cfg = make_cfg(augment)
-    datamodule, module, trainer = build(cfg)
+    datamodule, module, trainer = build_and_prepare(cfg)
     datamodule.trainer = trainer
     datamodule.setup("fit")
     images, labels = next(iter(datamodule.train_dataloader()))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +19,11 @@ from galaxy_lightning.data.galaxy10 import Galaxy10DECaLS, Galaxy10SDSS
 from galaxy_lightning.data.hdf5_source import HDF5Source
 from galaxy_lightning.data.prepared import read_info, read_prepared
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
-from galaxy_lightning.train import build
+from galaxy_lightning.train import build_and_prepare, main
 
+from .cli import in_process
 from .conftest import FileServer
 from .galaxy10_files import write_decals, write_sdss
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sha(data: bytes) -> str:
@@ -219,7 +216,7 @@ def test_user_file_grayscale_floats_names_and_split(tmp_path: Path,
     cfg = make_cfg("data=hdf5", f"data.source.path={tmp_path / 'mine.h5'}", "data.source.labels_key=y",
                    "data.source.images_key=x", "data.source.split_key=part", "data.source.crop=32",
                    "data.splits=[0.8,0.1,0.1]", tiny=False)
-    datamodule, module, _ = build(cfg)
+    datamodule, module, _ = build_and_prepare(cfg)
     info = datamodule.info
     assert (info.channels, info.height, info.num_classes) == (1, 32, 3)
     assert info.class_names == ["elliptical", "spiral", "irregular"]
@@ -268,7 +265,7 @@ def test_truncated_source_and_splits_larger_than_the_data(tmp_path: Path,
     cfg = make_cfg("data=hdf5", f"data.source.path={tmp_path / 'mine.h5'}", "data.source.images_key=x",
                    "data.source.labels_key=y", "data.splits=[50,10,10]", tiny=False)
     with pytest.raises(ConfigError, match=r"^data: splits=\[50, 10, 10\] needs 70 images but .* holds 60"):
-        build(cfg)  # checked from the prepared file's header, before any pixel is loaded
+        build_and_prepare(cfg)  # checked from the prepared file's header, before any pixel is loaded
     cfg = make_cfg("data=hdf5", "data.splits=[50,5,5]", tiny=False)
     with pytest.raises(ConfigError, match="data.source.path.*has no value"):
         from galaxy_lightning.config import validate_config
@@ -279,7 +276,7 @@ def test_empty_split_in_the_file_is_reported(tmp_path: Path, make_cfg: Callable[
     write_user(tmp_path / "mine.h5", part=np.array([b"train"] * 50 + [b"val"] * 10))
     cfg = make_cfg("data=hdf5", f"data.source.path={tmp_path / 'mine.h5'}", "data.source.images_key=x",
                    "data.source.labels_key=y", "data.source.split_key=part", tiny=False)
-    datamodule, _, _ = build(cfg)
+    datamodule, _, _ = build_and_prepare(cfg)
     with pytest.raises(DataError, match="'split' array has no test rows"):
         datamodule.setup()
 
@@ -290,13 +287,12 @@ def test_train_py_downloads_prepares_and_trains(tmp_path: Path, http_server: Fil
     _, _, data = decals
     http_server.files["/Galaxy10_DECals.h5"] = data
     run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "data=galaxy10",
-         f"+data.source.urls=[{http_server.url('/Galaxy10_DECals.h5')}]",
-         f"+data.source.sha256={sha(data)}", "data.source.n_per_class=20", "data.splits=[100,20,20]",
-         "data.batch_size=20", "trainer.max_steps=4", "trainer.val_check_interval=2",
-         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}", "callbacks.progress_bar.every_n_steps=1000"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = in_process(
+        main, "data=galaxy10", f"+data.source.urls=[{http_server.url('/Galaxy10_DECals.h5')}]",
+        f"+data.source.sha256={sha(data)}", "data.source.n_per_class=20", "data.splits=[100,20,20]",
+        "data.batch_size=20", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}",
+        "callbacks.progress_bar.every_n_steps=1000", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "data" / "Galaxy10_DECals.h5").read_bytes() == data
     metrics = json.loads((run / "metrics.json").read_text())
@@ -306,10 +302,9 @@ def test_train_py_downloads_prepares_and_trains(tmp_path: Path, http_server: Fil
 
 def test_train_py_offline_default_says_where_to_put_the_file(tmp_path: Path,
                                                             http_server: FileServer) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"+data.source.urls=[{http_server.url('/gone.h5')}]",
-         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = in_process(main, f"+data.source.urls=[{http_server.url('/gone.h5')}]",
+                        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}",
+                        cwd=tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data: could not download Galaxy10_DECals.h5 (")

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from galaxy_lightning.checkpoints import load_classifier, read_checkpoint
-from galaxy_lightning.data.prepared import read_prepared, write_prepared
+from galaxy_lightning.data.prepared import read_prepared
+from galaxy_lightning.data.synthetic import SyntheticGalaxies
 from galaxy_lightning.errors import CheckpointError, ConfigError, DataError
 from galaxy_lightning.evaluate import (
     check_input_spec,
@@ -39,23 +40,21 @@ from galaxy_lightning.input_spec import InputSpec, resize_uint8
 from galaxy_lightning.predict import predict
 from galaxy_lightning.train import train
 
-from .conftest import TINY, compose_run
+from .conftest import TINY
+from .helpers import write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
-    """A run of the tiny config: (best checkpoint, metrics.json, data dir)."""
-    from hydra.core.global_hydra import GlobalHydra
+#: The tiny run's prepared file in the session's data directory (which holds other sets too).
+TINY_DATA = SyntheticGalaxies(n_per_class=60, image_size=32, seed=0).filename
 
-    base = tmp_path_factory.mktemp("trained")
-    cfg = compose_run(TINY, base / "run", base / "data")
-    train(cfg)
-    GlobalHydra.instance().clear()
-    metrics = json.loads((base / "run" / "metrics.json").read_text())
-    return Path(metrics["checkpoint"]), metrics, base / "data"
+
+@pytest.fixture
+def trained(tiny_run: tuple[Path, dict, Path]) -> tuple[Path, dict, Path]:
+    """The session's tiny run (conftest.py): (best checkpoint, metrics.json, data dir)."""
+    return tiny_run
 
 
 def test_evaluation_reproduces_the_test_accuracy_exactly(trained: tuple, tmp_path: Path) -> None:
@@ -96,7 +95,7 @@ def test_evaluation_with_test_time_augmentation(trained: tuple, tmp_path: Path,
 
 def test_evaluation_of_another_prepared_file_and_bad_checkpoints(trained: tuple, tmp_path: Path) -> None:
     ckpt, _, data_dir = trained
-    source = read_prepared(next(data_dir.glob("synthetic_*.h5")))
+    source = read_prepared(data_dir / TINY_DATA)
     other = write_prepared(tmp_path / "other.h5", source.images[:50], source.labels[:50],
                            source.info.spec, {"source": "test"})
     results = evaluate(ckpt, tmp_path / "eval", prepared=str(other))
@@ -121,7 +120,7 @@ def test_evaluation_refuses_a_file_whose_pixels_were_made_otherwise(trained: tup
                                                                     tmp_path: Path) -> None:
     ckpt, _, data_dir = trained
     module = load_classifier(ckpt)
-    source = read_prepared(next(data_dir.glob("synthetic_*.h5")))
+    source = read_prepared(data_dir / TINY_DATA)
     images, labels, spec = source.images[:20], source.labels[:20], source.info.spec
     stretch = {"kind": "asinh", "interval": "percentile", "percentile": 99.5}
     for name, value in (("scale", 1.0 / 255.0), ("stretch", stretch)):
@@ -151,7 +150,7 @@ def test_prediction_on_png_files_matches_predict_step(trained: tuple, tmp_path: 
 
     ckpt, _, data_dir = trained
     module = load_classifier(ckpt)
-    images = read_prepared(next(data_dir.glob("synthetic_*.h5"))).images[:12]
+    images = read_prepared(data_dir / TINY_DATA).images[:12]
     folder = tmp_path / "images"
     folder.mkdir()
     for i, img in enumerate(images):
@@ -292,21 +291,15 @@ def test_train_false_tests_the_given_checkpoint(trained: tuple, make_cfg) -> Non
 
 # -- checkpoints written before the input spec (format 1) ---------------------------------------
 @pytest.fixture(scope="module")
-def version_1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+def version_1(tmp_path_factory: pytest.TempPathFactory,
+              tiny_run: tuple[Path, dict, Path]) -> tuple[Path, dict, Path]:
     """A checkpoint written by galaxy_lightning 69f6dd5 (format 1) with what that code computed
-    with it (test accuracy, confusion matrix, probabilities), and the data it was trained on."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from galaxy_lightning.train import build
-
+    with it (test accuracy, confusion matrix, probabilities), and the data it was trained on: the
+    tiny config's simulated set, which the session's tiny run prepared."""
     expected = json.loads((FIXTURES / "v1_tutorial_cnn_32px.json").read_text())
-    base = tmp_path_factory.mktemp("v1")
-    cfg = compose_run(TINY, base / "run", base / "data")  # the same simulated data set
-    build(cfg)
-    GlobalHydra.instance().clear()
-    ckpt = base / "v1.ckpt"
+    ckpt = tmp_path_factory.mktemp("v1") / "v1.ckpt"
     shutil.copy(FIXTURES / "v1_tutorial_cnn_32px.ckpt", ckpt)
-    return ckpt, expected, base / "data"
+    return ckpt, expected, tiny_run[2]
 
 
 def test_version_1_checkpoints_evaluate_and_predict_as_before(version_1: tuple, tmp_path: Path) -> None:

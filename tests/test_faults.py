@@ -10,6 +10,7 @@ import multiprocessing.sharedctypes
 import multiprocessing.synchronize
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,9 @@ import torch
 
 from galaxy_lightning.data.prepared import read_prepared
 from galaxy_lightning.data.synthetic import SyntheticGalaxies
+from galaxy_lightning.train import main
 
+from .cli import Forked, Result, context, forked, in_process
 from .conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +42,11 @@ COMPARED = ("test/acc", "test/loss", "test/ece", "test/confusion_matrix", "test/
             "val/acc_best", "best_step", "global_step", "history")
 
 
-def galaxy_train(*args: str, run: Path, data_dir: Path,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, *args,
-                           f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+def galaxy_train(*args: str, run: Path, data_dir: Path, env: dict[str, str] | None = None) -> Result:
+    """``python train.py RUN args`` as a process of its own (it is killed, or signalled), forked
+    from a server that has imported the package once (tests/cli.py)."""
+    return forked(*RUN, *args, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}", cwd=ROOT,
+                  env=env)
 
 
 def results(run: Path) -> dict:
@@ -172,17 +175,14 @@ def test_a_slurm_job_warned_of_its_time_limit_requeues_itself_and_resumes_exactl
 def test_ckpt_path_last_resumes_the_newest_run_of_the_task(reference: tuple, tmp_path: Path) -> None:
     expected, data_dir = reference
     logs = tmp_path / "logs"
-    killed = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN,
-                             "+callbacks.fault._target_=tests.faults.KillAt",
-                             "+callbacks.fault.moment=train", "+callbacks.fault.step=17",
-                             f"paths.data_dir={data_dir}", f"paths.log_dir={logs}"],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    killed = forked(*RUN, "+callbacks.fault._target_=tests.faults.KillAt",
+                    "+callbacks.fault.moment=train", "+callbacks.fault.step=17",
+                    f"paths.data_dir={data_dir}", f"paths.log_dir={logs}", cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL
     (killed_run,) = (logs / "train" / "runs").iterdir()
-    time.sleep(1.1)  # the next run directory is named by the second
-    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, "ckpt_path=last",
-                              f"paths.data_dir={data_dir}", f"paths.log_dir={logs}"],
-                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # run directories are named to the microsecond: the next run gets its own at once
+    resumed = forked(*RUN, "ckpt_path=last", f"paths.data_dir={data_dir}", f"paths.log_dir={logs}",
+                     cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (new_run,) = [r for r in (logs / "train" / "runs").iterdir() if r != killed_run]
     assert (new_run / "resumed_from.txt").read_text().strip() == \
@@ -191,22 +191,20 @@ def test_ckpt_path_last_resumes_the_newest_run_of_the_task(reference: tuple, tmp
 
 
 # -- data preparation ----------------------------------------------------------------------------
-def _prepare(data_dir: str, n: int) -> str:
-    return str(SyntheticGalaxies(n_per_class=n, image_size=32, seed=5).prepare(data_dir, progress=False))
+def _prepare(data_dir: str, n: int | str) -> str:
+    return str(SyntheticGalaxies(n_per_class=int(n), image_size=32, seed=5).prepare(data_dir, progress=False))
 
 
 @pytest.mark.slow
 def test_a_killed_preparation_leaves_nothing_corrupt_and_the_next_run_recovers(tmp_path: Path) -> None:
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_faults import _prepare; "
-            f"_prepare({str(tmp_path)!r}, 400)")
-    process = subprocess.Popen([sys.executable, "-c", code])
+    process = Forked(str(tmp_path), "400", cwd=tmp_path, target=_prepare)
     target = tmp_path / SyntheticGalaxies(n_per_class=400, image_size=32, seed=5).filename
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(f".{target.name}.*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # half-way through writing
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait().returncode == -signal.SIGKILL
     assert not target.exists()  # a half-written file never takes the real name
     assert list(tmp_path.glob(f".{target.name}.*.tmp"))  # what the killed writer left
     path = Path(_prepare(str(tmp_path), 400))
@@ -232,27 +230,18 @@ def _prepare_counting(data_dir: str, n: int, barrier: multiprocessing.synchroniz
     results.put(_prepare(data_dir, n))
 
 
-def _ctrl_c_reaches_python() -> None:
-    """A test suite started in the background (``make test &``, nohup) ignores SIGINT, and its
-    children inherit that: Python then installs no Ctrl-C handler and the signal is lost. What a
-    user's terminal gives, the child gets here."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
 def test_ctrl_c_during_preparation_is_one_line_and_leaves_nothing_half_written(tmp_path: Path) -> None:
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY,
-                                "data.source.n_per_class=3000", f"paths.data_dir={tmp_path / 'data'}",
-                                f"hydra.run.dir={tmp_path / 'run'}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               preexec_fn=_ctrl_c_reaches_python)
+    process = Forked(*TINY, "data.source.n_per_class=3000", f"paths.data_dir={tmp_path / 'data'}",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, sigint_default=True)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "data").glob(".*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
+    result = process.wait(timeout=120)
+    out, err = result.stdout, result.stderr
+    assert result.returncode == 130, err[-2000:]
     assert "Traceback" not in err + out
     assert err.strip().splitlines()[-1].startswith("interrupted: nothing half-written")
     assert not [p for p in (tmp_path / "data").iterdir() if p.suffix in (".h5", ".tmp")]  # not even a temporary file
@@ -260,7 +249,6 @@ def test_ctrl_c_during_preparation_is_one_line_and_leaves_nothing_half_written(t
 
 @pytest.mark.slow
 def test_two_processes_preparing_the_same_file_share_it(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("spawn")
     barrier, count, results = context.Barrier(2), context.Value("i", 0), context.Queue()
     processes = [context.Process(target=_prepare_counting,
                                  args=(str(tmp_path), 150, barrier, count, results))
@@ -280,13 +268,13 @@ def test_two_processes_preparing_the_same_file_share_it(tmp_path: Path) -> None:
         [Path(paths[0]).name]
 
 
-def test_an_unreadable_last_checkpoint_names_the_newest_good_one(tmp_path: Path, make_cfg) -> None:  # noqa: ANN001
+def test_an_unreadable_last_checkpoint_names_the_newest_good_one(tmp_path: Path, make_cfg,  # noqa: ANN001
+                                                                 tiny_run: tuple) -> None:
     from galaxy_lightning.errors import CheckpointError
     from galaxy_lightning.train import train
 
-    cfg = make_cfg()
-    train(cfg)
-    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    checkpoints = tmp_path / "checkpoints"  # a copy of the session's trained run's
+    shutil.copytree(tiny_run[0].parent, checkpoints)
     last = checkpoints / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated
     os.utime(last, (time.time() + 10, time.time() + 10))  # and the newest
@@ -296,15 +284,14 @@ def test_an_unreadable_last_checkpoint_names_the_newest_good_one(tmp_path: Path,
 
 
 # -- one line for every bad input ----------------------------------------------------------------
-def cli(*args: str, tmp_path: Path, data_dir: Path | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, tmp_path: Path, data_dir: Path | None = None) -> Result:
+    """``train.py TINY args`` through the command line's boundary, in this process."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, *args,
-                           f"paths.data_dir={data_dir or tmp_path / 'data'}",
-                           f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    return in_process(main, *TINY, *args, f"paths.data_dir={data_dir or tmp_path / 'data'}",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
 
 
-def one_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+def one_line(result: Result, *needles: str) -> str:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr + result.stdout
     last = result.stderr.strip().splitlines()[-1]
@@ -314,21 +301,21 @@ def one_line(result: subprocess.CompletedProcess, *needles: str) -> str:
     return last
 
 
-def test_checkpoints_that_cannot_be_resumed_are_refused_in_one_line(tmp_path: Path) -> None:
+def test_checkpoints_that_cannot_be_resumed_are_refused_in_one_line(tmp_path: Path,
+                                                                     tiny_run: tuple) -> None:
     one_line(cli(f"ckpt_path={tmp_path / 'nope.ckpt'}", tmp_path=tmp_path), "nope.ckpt: checkpoint not found")
     (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 100)
     one_line(cli(f"ckpt_path={tmp_path / 'junk.ckpt'}", tmp_path=tmp_path),
              "junk.ckpt: not a readable checkpoint")
     # refused before any data is touched, and nothing claims a resume that did not happen
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "resumed_from.txt").exists()
-    trained = cli("logger=none", tmp_path=tmp_path / "a")
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    last = tiny_run[0].parent / "last.ckpt"  # the session's trained run (conftest.py)
+    assert last.is_file()
     one_line(cli(f"ckpt_path={last}", "model.width=2", tmp_path=tmp_path / "b"),
              "was trained with another model", "use the run's own config")
     assert not (tmp_path / "b" / "data").exists()  # a model mismatch needs no data to be found
     one_line(cli(f"ckpt_path={last}", "data.source.image_size=48", tmp_path=tmp_path / "c",
-                 data_dir=tmp_path / "a" / "data"), "was trained with another data")
+                 data_dir=tiny_run[2]), "was trained with another data")
     one_line(cli("ckpt_path=last", f"paths.log_dir={tmp_path / 'empty'}", tmp_path=tmp_path / "d"),
              "ckpt_path=last: no last.ckpt under")
 
@@ -342,9 +329,8 @@ def test_unusable_machines_and_directories_are_refused_in_one_line(tmp_path: Pat
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     one_line(cli(tmp_path=tmp_path, data_dir=blocker / "data"), "cannot write in", "paths.data_dir")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY,
-                             f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={blocker / 'logs'}"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = in_process(main, *TINY, f"paths.data_dir={tmp_path / 'data'}",
+                        f"paths.log_dir={blocker / 'logs'}", cwd=tmp_path)
     one_line(result, "cannot create the run directory", str(blocker), "paths.log_dir")
 
 
@@ -371,9 +357,9 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path: Path, monkeypatch: py
 
     # The disk fills up half-way through a checkpoint: the file's write fails as it would
     # (torch's zip writer then raises a RuntimeError whose context is the OSError).
-    import galaxy_lightning.checkpoints as checkpoints
+    import galaxy_lightning.files as files  # where checkpoints are written from
 
-    monkeypatch.setattr(checkpoints, "open", _filling_disk(after=4096), raising=False)
+    monkeypatch.setattr(files, "open", _filling_disk(after=4096), raising=False)
     (tmp_path / "ckpts").mkdir()
     (tmp_path / "ckpts" / "last.ckpt").write_bytes(b"the previous checkpoint")
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last.ckpt \(No space left"):
@@ -430,18 +416,24 @@ def test_data_of_a_single_class_is_refused(tmp_path: Path, make_cfg) -> None:  #
     import h5py
 
     from galaxy_lightning.errors import DataError
-    from galaxy_lightning.train import build
+    from galaxy_lightning.train import build, prepare_data
 
     with h5py.File(tmp_path / "one.h5", "w") as f:
         f.create_dataset("images", data=np.zeros((30, 16, 16, 3), np.uint8))
         f.create_dataset("labels", data=np.zeros(30, np.int64))
         f.attrs["class_names"] = '["spiral", "elliptical"]'
+    datamodule, _ = build(make_cfg("data=hdf5", f"data.source.path={tmp_path / 'one.h5'}",
+                                   tiny=False))
     with pytest.raises(DataError, match=r"all 30 images are of one class \(spiral\)"):
-        build(make_cfg("data=hdf5", f"data.source.path={tmp_path / 'one.h5'}", tiny=False))
+        prepare_data(datamodule)
 
 
 def test_runs_print_no_third_party_banners(tmp_path: Path) -> None:
-    result = cli("logger=none", tmp_path=tmp_path)
+    """The process boundary of ``python train.py`` itself (every other run of this file is forked
+    or in-process): what a user's terminal shows, import-time warnings included."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "logger=none",
+                             f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
     assert "Tip:" not in out and "LeafSpec" not in out and "does not have many workers" not in out

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from galaxy_lightning.train import train
+from galaxy_lightning.train import main, train
 
+from .cli import in_process
 from .conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,10 +166,10 @@ def test_tensorboard_serves_scalars_images_and_the_custom_layout(many: tuple) ->
 
 
 def test_a_redirected_run_prints_lines_not_bar_fragments_and_the_config_tree(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "logger=none",
-                             "callbacks.progress_bar.every_n_steps=5", f"paths.data_dir={tmp_path / 'data'}",
-                             f"hydra.run.dir={tmp_path / 'run'}"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    # in this process, its output redirected as a file would be (not a terminal)
+    result = in_process(main, *TINY, "logger=none", "callbacks.progress_bar.every_n_steps=5",
+                        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}",
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "\r" not in out + result.stderr  # no live bar written into a file
@@ -177,10 +178,9 @@ def test_a_redirected_run_prints_lines_not_bar_fragments_and_the_config_tree(tmp
     assert "val/acc" in next(line for line in out.splitlines() if line.startswith("[validation]"))
     tree = "_target_: galaxy_lightning.models.TutorialCNN"
     assert tree in out and out.index(tree) < out.index("[train] step")  # the config tree, first
-    quiet = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "logger=none",
-                            "print_config=false", f"paths.data_dir={tmp_path / 'data'}",
-                            f"hydra.run.dir={tmp_path / 'run2'}"],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    quiet = in_process(main, *TINY, "logger=none", "print_config=false",
+                       f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run2'}",
+                       cwd=tmp_path)
     assert quiet.returncode == 0 and tree not in quiet.stdout and "\r" not in quiet.stdout
 
 

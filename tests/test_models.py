@@ -15,7 +15,7 @@ from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.models import BNCNN, ResNet, TutorialCNN
 from galaxy_lightning.module import GalaxyClassifier
-from galaxy_lightning.train import build
+from galaxy_lightning.train import build_and_prepare
 
 MODEL = {"_target_": "galaxy_lightning.models.TutorialCNN", "channels": [4, 5, 6, 7], "pool": "avg"}
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3}
@@ -57,7 +57,7 @@ def test_output_shape_follows_the_data(cls: type, channels: int, classes: int, s
 @pytest.mark.parametrize("model", ["tutorial_cnn", "bn_cnn", "resnet"])
 def test_each_model_trains_a_few_steps(make_cfg: Callable[..., DictConfig], model: str) -> None:
     cfg = make_cfg(f"model={model}", "logger=none", "test=false")
-    datamodule, module, trainer = build(cfg)
+    datamodule, module, trainer = build_and_prepare(cfg)
     before = [p.detach().clone() for p in module.parameters()]
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 20
@@ -82,7 +82,7 @@ def test_bad_model_options_are_reported(cls: type, kwargs: dict, message: str,
     overrides = [f"model.{k}={v}".replace(" ", "") for k, v in kwargs.items() if k != "image_size"]
     if overrides:  # from a config, the config key is named in front
         with pytest.raises(ConfigError, match=r"^model: " + message.replace("[", r"\[")):
-            build(make_cfg(f"model={name}", *overrides))
+            build_and_prepare(make_cfg(f"model={name}", *overrides))
 
 
 def test_risk_is_mean_negative_log_softmax_at_the_label() -> None:

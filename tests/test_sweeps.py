@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from galaxy_lightning.optuna_sweeper import ResumeStudy
 from galaxy_lightning.sweep import (SweepSummary, group_by_config, markdown_table,
                                     summary_statistics, t975)
+from galaxy_lightning.train import main
 
+from .cli import Result, in_process
 from .conftest import TINY, compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +31,10 @@ def command(*args: str, sweep_dir: Path, data_dir: Path) -> list[str]:
             f"hydra.sweep.dir={sweep_dir}"]
 
 
-def multirun(*args: str, sweep_dir: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(*args, sweep_dir=sweep_dir, data_dir=data_dir),
-                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+def multirun(*args: str, sweep_dir: Path, data_dir: Path) -> Result:
+    """``train.py -m TINY args`` in this process (Hydra's launchers start the jobs: in this
+    process too for the basic one, in worker processes for joblib)."""
+    result = in_process(main, *command(*args, sweep_dir=sweep_dir, data_dir=data_dir)[2:], cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -125,26 +128,36 @@ def test_parallel_joblib_sweep_shares_the_cores(tmp_path: Path, data_dir: Path) 
         assert f", {expected} threads," in log
 
 
-def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
+def test_slurm_launcher_config_composes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_run(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], tmp_path / "run", tmp_path)
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
-    # Lightning's SLURM requeue: SIGUSR1 before the limit, submitit's own requeueing off
+    # SIGUSR1 before the limit, submitit's own requeueing off: in a SLURM job the run's
+    # GracefulStop saves between steps and requeues, and Lightning's own requeue (a mid-step
+    # hpc_ckpt) is off
     assert launcher.additional_parameters.signal == "USR1@120" and launcher.max_num_timeout == 0
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    assert SLURMEnvironment().auto_requeue and SLURMEnvironment().requeue_signal.name == "SIGUSR1"
+    from galaxy_lightning.callbacks import GracefulStop
+    from galaxy_lightning.train import build, trainer_plugins
+
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "galaxy",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    (environment,) = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    assert not environment.auto_requeue
+    _, trainer = build(cfg)  # objects only: no data is touched
+    assert any(isinstance(c, GracefulStop) for c in trainer.callbacks)
 
 
 def test_seed_sweep_from_any_directory_gives_the_comparison_table(tmp_path: Path,
                                                                    data_dir: Path) -> None:
     # No hydra.sweep.dir: the default logs/<task>/multiruns/<time> under the launch directory.
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *[o for o in TINY if not o.startswith("seed=")],
-         "model.width=1,2", "seed=0,1",
-         f"paths.data_dir={data_dir}", "logger=none"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    result = in_process(main, "-m", *[o for o in TINY if not o.startswith("seed=")],
+                        "model.width=1,2", "seed=0,1", f"paths.data_dir={data_dir}", "logger=none",
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     jobs = summary(sweep)

@@ -30,7 +30,7 @@ from galaxy_lightning.module import CALIBRATION_BINS, GalaxyClassifier, Reliabil
 from galaxy_lightning import perf
 from galaxy_lightning.perf import tune_malloc
 from galaxy_lightning.schedules import warmup_cosine
-from galaxy_lightning.train import build, train
+from galaxy_lightning.train import build_and_prepare, train
 
 from .conftest import TINY
 
@@ -126,7 +126,7 @@ def test_resume_continues_a_killed_run_to_the_same_end(make_cfg: Callable[..., D
 
     killed = make_cfg(run="killed")
     L.seed_everything(killed.seed, workers=True, verbose=False)  # as train() does before build()
-    datamodule, module, trainer = build(killed)
+    datamodule, module, trainer = build_and_prepare(killed)
     trainer.callbacks.append(_Crash())
     with pytest.raises(RuntimeError, match="simulated kill"):
         trainer.fit(module, datamodule=datamodule)
@@ -198,7 +198,7 @@ def test_warmup_cosine_schedule() -> None:
                                        "scheduler=onecycle"])
 def test_schedulers_step_every_step(make_cfg: Callable[..., DictConfig], scheduler: str) -> None:
     cfg = make_cfg(*scheduler.split(), "optimizer.lr=0.01", "logger=none", "test=false")
-    datamodule, module, trainer = build(cfg)
+    datamodule, module, trainer = build_and_prepare(cfg)
     seen: list[float] = []
 
     class RecordLR(L.Callback):
@@ -225,7 +225,7 @@ def test_bad_scheduler_settings_are_reported(make_cfg: Callable[..., DictConfig]
     cfg = make_cfg("scheduler=cosine", override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         validate_config(cfg)
-        _, module, _ = build(cfg)
+        _, module, _ = build_and_prepare(cfg)
         module.configure_optimizers()
     assert "\n" not in str(err.value)
 
@@ -322,7 +322,7 @@ def test_fast_mode_does_not_cost_accuracy(make_cfg: Callable[..., DictConfig]) -
                            *(["trainer.precision=bf16-mixed"] if mode == "fast" else []),
                            run=f"{mode}{seed}")
             L.seed_everything(seed, verbose=False)
-            datamodule, module, trainer = build(cfg)
+            datamodule, module, trainer = build_and_prepare(cfg)
             trainer.fit(module, datamodule=datamodule)
             accs[mode].append(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
     assert min(accs["default"]) > 0.4 and min(accs["fast"]) > 0.4, accs  # all learned
@@ -393,7 +393,7 @@ def test_batchnorm_statistics_match_the_weights_they_are_computed_for(
     from galaxy_lightning.callbacks import BatchNormStatistics
 
     cfg = make_cfg("model=bn_cnn", "logger=none", "test=false")
-    datamodule, module, trainer = build(cfg)
+    datamodule, module, trainer = build_and_prepare(cfg)
     trainer.fit(module, datamodule=datamodule)
     callback = BatchNormStatistics(images=100, batch_size=32)
     trainer.callbacks.append(callback)
@@ -545,9 +545,11 @@ def test_a_calibrated_run_stores_its_temperature_and_evaluation_uses_it(
 
 def test_soft_targets_train_against_the_fractions(tmp_path: Path) -> None:
     from galaxy_lightning.data.datamodule import GalaxyDataModule
-    from galaxy_lightning.data.prepared import read_prepared, write_prepared
+    from galaxy_lightning.data.prepared import read_prepared
     from galaxy_lightning.data.synthetic import SyntheticGalaxies
     from galaxy_lightning.evaluate import PreparedFile
+
+    from .helpers import write_prepared
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 3, generator=gen)

@@ -2,7 +2,8 @@
 ``galaxy_lightning.callbacks.<Name>``):
 
 - :mod:`.artifacts`: every figure and ``metrics.json`` (:class:`RunArtifacts`), to files and
-  every logger that takes images; TensorBoard's chart layout (:class:`TensorBoardDashboard`);
+  every logger that takes images (through :mod:`galaxy_lightning.loggers`); TensorBoard's chart
+  layout (:class:`TensorBoardDashboard`);
 - :mod:`.weights`: the weights that are judged: BatchNorm statistics recomputed for them
   (:class:`BatchNormStatistics`), Lightning's moving average of them (:class:`WeightAverage`);
 - :mod:`.resume`: exact resumption (:class:`RandomStates`) and graceful stops with SLURM requeue
@@ -11,20 +12,11 @@
   :class:`StepTimer`.
 """
 
-from galaxy_lightning.callbacks.artifacts import (
-    IMAGE_SINKS,
-    RunArtifacts,
-    TensorBoardDashboard,
-    largest_drop,
-    log_artifact,
-    log_image,
-    write_atomic,
-)
+from galaxy_lightning.callbacks.artifacts import RunArtifacts, TensorBoardDashboard, largest_drop
 from galaxy_lightning.callbacks.progress import LineProgressBar, StepTimer, progress_bar
 from galaxy_lightning.callbacks.resume import GracefulStop, RandomStates, requeue_slurm_job, slurm_job_id
 from galaxy_lightning.callbacks.weights import BatchNormStatistics, WeightAverage
 
-__all__ = ["IMAGE_SINKS", "BatchNormStatistics", "GracefulStop", "LineProgressBar", "RandomStates",
-           "RunArtifacts", "StepTimer", "TensorBoardDashboard", "WeightAverage", "largest_drop",
-           "log_artifact", "log_image", "progress_bar", "requeue_slurm_job", "slurm_job_id",
-           "write_atomic"]
+__all__ = ["BatchNormStatistics", "GracefulStop", "LineProgressBar", "RandomStates", "RunArtifacts",
+           "StepTimer", "TensorBoardDashboard", "WeightAverage", "largest_drop", "progress_bar",
+           "requeue_slurm_job", "slurm_job_id"]

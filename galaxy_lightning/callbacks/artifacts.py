@@ -3,8 +3,8 @@
 :class:`RunArtifacts` owns the figures: the data examples, the tutorial's accuracy curve, the
 confusion matrices, the reliability diagram and the gallery of the most confident test mistakes.
 Each is written as a PNG in the run directory and sent to every attached logger that can take an
-image (:func:`log_image`). ``metrics.json`` uses the loggers' names for every number
-(``test/acc``, ``val/acc_best``, ...). The accuracy history lives in the callback's state, which
+image (:func:`galaxy_lightning.loggers.log_image`). ``metrics.json`` uses the loggers' names for
+every number (``test/acc``, ``val/acc_best``, ...). The accuracy history lives in the callback's state, which
 Lightning stores in every checkpoint, so a resumed run still plots the whole curve.
 :class:`TensorBoardDashboard` lays out TensorBoard's custom-scalars charts.
 """
@@ -12,7 +12,6 @@ Lightning stores in every checkpoint, so a resumed run still plots the whole cur
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from matplotlib.figure import Figure
+from PIL import Image
 
+from galaxy_lightning.files import atomic_file, write_atomic
+from galaxy_lightning.loggers import log_artifact, log_image, set_tensorboard_layout, takes_images
 from galaxy_lightning.models import count_parameters
 from galaxy_lightning.plots import (
     accuracy_curve_figure,
@@ -32,61 +33,6 @@ from galaxy_lightning.plots import (
     mistakes_figure,
     reliability_diagram_figure,
 )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _tensorboard_image(logger: TensorBoardLogger, tag: str, image: np.ndarray, step: int) -> None:
-    logger.experiment.add_image(tag, image, step, dataformats="HWC")
-
-
-def _mlflow_image(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
-    # an artifact per figure and step: MLflow's UI shows them under the run's artifacts
-    logger.experiment.log_image(logger.run_id, image, artifact_file=f"figures/{tag}/step_{step:06d}.png")
-
-
-def _wandb_image(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
-    import wandb
-
-    logger.experiment.log({tag: wandb.Image(image), "trainer/global_step": step})
-
-
-def _image_sinks() -> list[tuple[type[Logger], Any]]:
-    """How each kind of logger takes an image: (logger class, function(logger, tag, HWC uint8,
-    step)). MLflow and W&B are optional extras: their sinks exist when they are installed."""
-    sinks: list[tuple[type[Logger], Any]] = [(TensorBoardLogger, _tensorboard_image)]
-    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
-
-    sinks += [(MLFlowLogger, _mlflow_image), (WandbLogger, _wandb_image)]
-    return sinks
-
-
-IMAGE_SINKS = _image_sinks()
-
-
-def log_artifact(loggers: list[Logger], path: Path) -> None:
-    """Attach a file (metrics.json) to the runs of the loggers that keep files."""
-    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_artifact(logger.run_id, str(path))
-        elif isinstance(logger, WandbLogger):
-            logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
-
-
-def log_image(loggers: list[Logger], tag: str, image: np.ndarray, step: int) -> None:
-    """Send an RGB uint8 (H, W, 3) image to every logger that can take one."""
-    for logger in loggers:
-        for kind, sink in IMAGE_SINKS:
-            if isinstance(logger, kind):
-                sink(logger, tag, image, step)
-                break
 
 
 def largest_drop(steps: list[int], accuracies: list[float], after_step: int = 0) -> float | None:
@@ -112,9 +58,6 @@ class RunArtifacts(L.Callback):
         self._fit_start: float | None = None
         self.fit_seconds: float | None = None
         self.warmup_steps = 0
-        #: The checkpoint the test evaluates, when the caller knows it (train.py, evaluation);
-        #: else the best checkpoint of the fit.
-        self.tested_checkpoint: str | None = None
         # the most confident test mistakes per true class: (confidence, test row, predicted class)
         self._mistakes: dict[int, list[tuple[float, int, int]]] = {}
 
@@ -123,20 +66,27 @@ class RunArtifacts(L.Callback):
         return {"history": {k: list(v) for k, v in self.history.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Resuming in a new process: continue the checkpoint's curve. In the process that trained,
-        # `trainer.test(ckpt_path="best")` also restores callback states; the live history is
-        # longer than the best checkpoint's and must not be replaced by it.
+        # Lightning restores callback states when a fit resumes from a checkpoint (a new process,
+        # no history yet): continue the checkpoint's curve. A live history is never replaced: it is
+        # at least as long as any checkpoint's (restoring one into the process that trained, as
+        # `trainer.test(ckpt_path=...)` would, must not cut the curve back; this package's callers
+        # load the tested weights themselves and restore no callback state).
         if not self.history["val_step"]:
             self.history = {k: list(v) for k, v in state_dict["history"].items()}
 
     # -- figures -----------------------------------------------------------------------------------
     def _figure(self, trainer: L.Trainer, fig: Figure, tag: str, filename: str | None = None,
                 dpi: int = 120) -> None:
-        """Save ``fig`` as ``filename`` (if given) and log it as ``tag``; closes it."""
+        """Render ``fig`` once, at ``dpi``: save it as the PNG ``filename`` (if given) and log it
+        as ``tag``; closes it. (Drawing a figure is the slow part: it is not drawn again for the
+        file; zlib level 3 writes a figure several times faster than the default, ~10% larger.)"""
+        fig.set_dpi(dpi)
+        image = figure_to_array(fig)
         if filename is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            fig.savefig(self.output_dir / filename, dpi=dpi)
-        log_image(trainer.loggers, tag, figure_to_array(fig), trainer.global_step)
+            with atomic_file(self.output_dir / filename) as f:
+                Image.fromarray(image).save(f, format="PNG", compress_level=3)
+        log_image(trainer.loggers, tag, image, trainer.global_step)
 
     # -- hooks -------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -166,7 +116,9 @@ class RunArtifacts(L.Callback):
             h["train_step"].append(step)
             h["train_acc"].append(float(metrics["train/acc"]))
         summaries = getattr(pl_module, "summaries", {}).get("val")
-        if improved and trainer.is_global_zero and summaries is not None:
+        # (a figure for the loggers only: not drawn when none of them takes images)
+        if improved and trainer.is_global_zero and summaries is not None \
+                and takes_images(trainer.loggers):
             fig = confusion_matrix_figure(summaries["confusion_matrix"].cpu().numpy(),
                                           pl_module.class_names, title="val/confusion_matrix_at_best")
             self._figure(trainer, fig, "val/confusion_matrix_at_best")
@@ -259,7 +211,9 @@ class RunArtifacts(L.Callback):
             # run counts only its own part)
             "fit_seconds": self.fit_seconds,
             "params": count_parameters(pl_module),
-            "checkpoint": self.tested_checkpoint or (
+            # the checkpoint whose weights were tested, as the module records it (the caller
+            # loaded them: train.py, galaxy-evaluate); else the fit's best
+            "checkpoint": getattr(pl_module, "weights_from", None) or (
                 str(checkpoint.best_model_path) if checkpoint is not None
                 and getattr(checkpoint, "best_model_path", "") else None),
             "history": h,
@@ -282,6 +236,5 @@ class TensorBoardDashboard(L.Callback):
     }}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_custom_scalars(self.LAYOUT)
+        if trainer.is_global_zero:
+            set_tensorboard_layout(trainer.loggers, self.LAYOUT)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-from galaxy_lightning.callbacks.artifacts import write_atomic
+from galaxy_lightning.files import write_atomic
 from galaxy_lightning.models import count_parameters
 
 
@@ -57,11 +58,7 @@ class LineProgressBar(ProgressBar):
 def progress_bar(every_n_steps: int = 100, rich: bool | None = None) -> ProgressBar:
     """Rich's live progress bar on a terminal; :class:`LineProgressBar` when stdout is a file or
     a pipe (a log file, a cluster's job output). ``rich`` true or false chooses either always."""
-    import sys
-
     if rich if rich is not None else sys.stdout.isatty():
-        from lightning.pytorch.callbacks import RichProgressBar
-
         return RichProgressBar()
     return LineProgressBar(every_n_steps)
 

@@ -4,14 +4,20 @@ graceful stop (Ctrl-C, SIGTERM, SLURM's warning before a time limit, with a requ
 from __future__ import annotations
 
 import os
+import random
+import signal
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from galaxy_lightning.callbacks.artifacts import RunArtifacts
+from galaxy_lightning.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 
 class RandomStates(L.Callback):
@@ -22,8 +28,6 @@ class RandomStates(L.Callback):
     ``weights_only`` loading accepts."""
 
     def state_dict(self) -> dict[str, Any]:
-        import random
-
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         version, state, gauss = random.getstate()
         return {"torch": torch.get_rng_state(),
@@ -33,8 +37,6 @@ class RandomStates(L.Callback):
                 "python": [version, list(state), gauss]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        import random
-
         torch.set_rng_state(state_dict["torch"])
         cuda = state_dict.get("cuda") or []
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -56,8 +58,6 @@ def slurm_job_id() -> str | None:
 def requeue_slurm_job() -> str | None:
     """``scontrol requeue <job>``: SLURM puts the job back in the queue, and it starts again with
     the same command (and, under Hydra's submitit launcher, the same run directory)."""
-    import subprocess
-
     job = slurm_job_id()
     if job is None:
         return None
@@ -83,21 +83,21 @@ class GracefulStop(L.Callback):
     second Ctrl-C interrupts at once). The data loader's position, the random states and the
     metric counts are in the checkpoint, so the resumed run continues exactly where this one
     stopped. ``exit_code`` is 130 after Ctrl-C and 143 after SIGTERM, as the shell reports them,
-    and 0 after a requeue (the job goes on)."""
+    and 0 after a requeue (the job goes on).
+
+    ``resume_command`` is the command line that resumes the run, given a ``ckpt_path``: the
+    training code passes the run's own (:func:`galaxy_lightning.train.run_command`)."""
 
     def __init__(self, dirpath: str, resume_command: str = "galaxy-train") -> None:
         self.dirpath = Path(dirpath)
         self.resume_command = resume_command
         self.saved: Path | None = None
-        self.exit_code = 128 + 15
+        self.exit_code = EXIT_TERMINATED
         self.requeue = False
         self._previous: dict[int, Any] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import signal
-        import threading
-
-        self.exit_code = 128 + 15
+        self.exit_code = EXIT_TERMINATED
         self.requeue = False
         if threading.current_thread() is not threading.main_thread():
             return
@@ -106,32 +106,22 @@ class GracefulStop(L.Callback):
             self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        import os
-        import signal
-
-        self.exit_code = 128 + 2
+        self.exit_code = EXIT_INTERRUPTED
         self._restore_handlers()  # a second Ctrl-C interrupts at once
         os.kill(os.getpid(), signal.SIGTERM)
 
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
-        import os
-        import signal
-
         self.requeue = True
         self.exit_code = 0
         os.kill(os.getpid(), signal.SIGTERM)
 
     def _restore_handlers(self) -> None:
-        import signal
-
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
@@ -154,7 +144,7 @@ class GracefulStop(L.Callback):
             print(f"\nSLURM time limit near at step {trainer.global_step}: saved {path}; "
                   f"requeued job {job}, which resumes from it", flush=True)
         else:
-            what = "Ctrl-C" if self.exit_code == 130 else "SIGTERM"
+            what = "Ctrl-C" if self.exit_code == EXIT_INTERRUPTED else "SIGTERM"
             print(f"\n{what} at step {trainer.global_step}: saved {path}; resume with: "
                   f"{self.resume_command} ckpt_path={path}", flush=True)
 

@@ -8,7 +8,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+from torch.optim.swa_utils import update_bn
+
+from galaxy_lightning.errors import ConfigError
 
 
 class BatchNormStatistics(L.Callback):
@@ -31,28 +34,20 @@ class BatchNormStatistics(L.Callback):
     def __init__(self, images: int = 2048, batch_size: int = 256) -> None:
         if not (isinstance(images, int) and isinstance(batch_size, int)) or images < 1 \
                 or batch_size < 1:
-            from galaxy_lightning.errors import ConfigError
-
             raise ConfigError(f"images={images} and batch_size={batch_size} must be positive "
                               "integers")
         self.images = images
         self.batch_size = batch_size
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning.pytorch.callbacks import WeightAveraging
-
         mine = trainer.callbacks.index(self)
         if any(isinstance(c, WeightAveraging) for c in trainer.callbacks[mine + 1:]):
-            from galaxy_lightning.errors import ConfigError
-
             raise ConfigError("BatchNormStatistics must come after the weight averaging callback "
                               "(the averaged weights are swapped in first, then their statistics "
                               "computed): list bn_statistics after ema")
 
     @torch.no_grad()
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from torch.optim.swa_utils import update_bn
-
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "split"):
             return

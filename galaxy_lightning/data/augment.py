@@ -28,11 +28,6 @@ AUGMENTATIONS = ("dihedral", "rotate", "shift")
 #: The largest shift (pixels) that keeps a centred galaxy in a cutout.
 MAX_SHIFT_LIMIT = 8.0
 
-#: The inverse of symmetry k (rotations by 90 and 270 degrees invert each other; flips are their
-#: own inverse).
-DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
-
-
 def dihedral(images: torch.Tensor, k: int, dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
     """The k-th of the 8 symmetries of the square (k = 0..7): a rotation by (k mod 4) x 90
     degrees, preceded by a horizontal flip when k >= 4. ``dims`` are the (height, width) axes:

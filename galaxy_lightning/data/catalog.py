@@ -26,12 +26,14 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from galaxy_lightning import console
 from galaxy_lightning.data.images import (
     ImageReader,
     check_stretch,
@@ -40,7 +42,16 @@ from galaxy_lightning.data.images import (
     read_flux,
     read_images,
 )
-from galaxy_lightning.data.prepared import PreparedWriter, announce, file_lock, provenance_matches
+from galaxy_lightning.data.prepared import PreparedWriter, announce, prepare_once
+from galaxy_lightning.data.selection import (
+    UNKNOWN_SPLIT,
+    as_text,
+    draw_per_class,
+    relabel,
+    repeats,
+    repeats_on_sky,
+    split_codes,
+)
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.input_spec import InputSpec, check_source_options
 
@@ -49,15 +60,13 @@ from galaxy_lightning.input_spec import InputSpec, check_source_options
 PREPARATION_VERSION = 2
 #: Images read to estimate fixed stretch limits (``stretch.per_image=false`` without vmin/vmax).
 LIMIT_SAMPLE = 64
-#: Split-column values understood as train / val / test.
-SPLIT_VALUES = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2,
-                "testing": 2, "0": 0, "1": 1, "2": 2}
 #: How far the vote fractions of one question may sum from 1 before the row is refused.
 VOTE_SUM_TOLERANCE = 0.02
 
 
 def read_table(path: Path) -> Any:
     """An astropy Table of a CSV, Parquet, FITS or ECSV file (by its suffix)."""
+    # deferred: astropy.table takes about a third of a second to import
     from astropy.table import Table
 
     name = path.name.lower()
@@ -72,7 +81,7 @@ def read_table(path: Path) -> Any:
                         "relative to the data directory)")
     try:
         if fmt == "parquet":  # pyarrow directly: astropy's reader needs pandas as well
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # deferred: slow to import, and only for Parquet
 
             arrow = pq.read_table(path)
             return Table({name: _arrow_column(arrow.column(name)) for name in arrow.column_names})
@@ -85,6 +94,7 @@ def read_table(path: Path) -> Any:
 def _arrow_column(chunked: Any) -> Any:
     """A Parquet column as astropy reads the same column of a CSV: nulls masked, as blank cells
     are (``to_numpy`` alone turns a null string into None, i.e. the text "None"), text as str."""
+    # deferred: pyarrow and astropy.table are slow to import, and only Parquet needs them here
     import pyarrow as pa
     import pyarrow.compute as pc
     from astropy.table import Column, MaskedColumn
@@ -112,8 +122,10 @@ def _columns_hint(table: Any) -> str:
     return shown + (f", ... ({len(names) - 25} more)" if len(names) > 25 else "")
 
 
-def _column(table: Any, name: str, key: str, path: Path) -> np.ndarray:
-    """A column as a plain array; empty cells become NaN (numbers) or "" (text)."""
+def table_column(table: Any, name: str, key: str, path: Path) -> np.ndarray:
+    """Column ``name`` of a catalog as a plain array; empty cells become NaN (numbers) or ""
+    (text), so that Parquet, FITS and CSV tables read alike. A missing column is a
+    :class:`DataError` that lists the columns there are and names the option to set (``key``)."""
     if name not in table.colnames:
         raise DataError(f"{path}: no column '{name}' (columns: {_columns_hint(table)}); set {key}")
     column = table[name]
@@ -122,10 +134,6 @@ def _column(table: Any, name: str, key: str, path: Path) -> np.ndarray:
             return np.asarray(column.astype(np.float64).filled(np.nan))
         return np.asarray(column.filled(""))
     return np.asarray(column)
-
-
-def _as_str(values: np.ndarray) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
 
 def labels_from_votes(table: Any, path: Path, question: str, answers: Sequence[str] | None,
@@ -142,9 +150,9 @@ def labels_from_votes(table: Any, path: Path, question: str, answers: Sequence[s
             raise DataError(f"{path}: no vote-fraction columns '{prefix}<answer>_fraction' "
                             f"(columns: {_columns_hint(table)}); set votes.question")
     answers = list(answers)
-    fractions = np.stack([_column(table, f"{prefix}{a}_fraction", "votes.answers", path)
+    fractions = np.stack([table_column(table, f"{prefix}{a}_fraction", "votes.answers", path)
                           .astype(np.float64) for a in answers], axis=1)
-    total = _column(table, f"{prefix}total-votes", "votes.question", path).astype(np.float64)
+    total = table_column(table, f"{prefix}total-votes", "votes.question", path).astype(np.float64)
     voted = np.isfinite(fractions).all(1) & np.isfinite(total) & (total > 0)
     sums = np.where(voted, np.nan_to_num(fractions).sum(1), 1.0)
     off = np.flatnonzero(np.abs(sums - 1.0) > VOTE_SUM_TOLERANCE)
@@ -173,11 +181,11 @@ def resolve_image_paths(table: Any, path: Path, roots: Sequence[Path], image_col
     for entry in image_columns:
         if "{" in entry:
             keys = re.findall(r"{([^}:!]+)", entry)
-            cols = {k: _as_str(_column(table, k, "image_columns", path))[rows] for k in keys}
+            cols = {k: as_text(table_column(table, k, "image_columns", path))[rows] for k in keys}
             per_band.append([entry.format(**{k: cols[k][i] for k in keys})
                              for i in range(len(rows))])
         else:
-            per_band.append(list(_as_str(_column(table, entry, "image_columns", path))[rows]))
+            per_band.append(list(as_text(table_column(table, entry, "image_columns", path))[rows]))
     by_name: dict[str, Path] = {}
     if match == "name":
         for root in roots:
@@ -198,6 +206,19 @@ def resolve_image_paths(table: Any, path: Path, roots: Sequence[Path], image_col
             files.append(found)
         resolved.append(tuple(files) if len(files) == len(per_band) else None)
     return resolved, missing
+
+
+@dataclass(frozen=True)
+class _ChosenRows:
+    """The catalog rows a preparation reads, and what every catalog row was labelled as."""
+
+    rows: np.ndarray  # row numbers in the catalog, sorted
+    labels: np.ndarray  # every row's class among the kept ones, -1 for none
+    names: list[str]  # the kept classes
+    split: np.ndarray | None  # every row's split code, when the catalog fixes the split
+    targets: np.ndarray | None  # every row's soft targets over the kept classes (vote fractions)
+    dropped: dict[str, int]  # rows dropped before any image was read, by reason
+    catalog_rows: int
 
 
 class CatalogSource:
@@ -319,14 +340,8 @@ class CatalogSource:
                     "mtime_ns": st.st_mtime_ns if st else None,
                     "image_roots": [str(r.resolve()) for r in roots if r is not None]}
         expected = {"source": identity, "params": self.params}
-        target = self.prepared_path(data_dir)
-        if provenance_matches(target, expected):
-            return target
-        with file_lock(target):  # another process may be preparing the same file right now
-            if not provenance_matches(target, expected):
-                self._convert(catalog, [r for r in roots if r is not None], target, expected,
-                              progress)
-        return target
+        return prepare_once(self.prepared_path(data_dir), expected, lambda target: self._convert(
+            catalog, [r for r in roots if r is not None], target, expected, progress))
 
     # -- the steps ---------------------------------------------------------------------------------
     def _labels(self, table: Any, path: Path) -> tuple[np.ndarray, list[str], np.ndarray | None,
@@ -337,7 +352,7 @@ class CatalogSource:
             return labels_from_votes(table, path, v["question"], v.get("answers"),
                                      float(v.get("min_fraction", 0.0) or 0.0),
                                      int(v.get("min_votes", 0) or 0))
-        raw = _column(table, self.label_column, "label_column", path)
+        raw = table_column(table, self.label_column, "label_column", path)
         finite = np.isfinite(raw) if raw.dtype.kind == "f" else np.ones(len(raw), dtype=bool)
         if raw.dtype.kind in "iu" or (raw.dtype.kind == "f"
                                       and np.all(raw[finite] == np.round(raw[finite]))):
@@ -350,7 +365,7 @@ class CatalogSource:
                 raise DataError(f"{path}: labels reach {values.max()} but class_names has "
                                 f"{len(names)} names")
             return values, list(names), None, {"empty_label": int((~finite).sum())}
-        text = _as_str(raw)
+        text = as_text(raw)
         names = self.class_names or sorted({t for t in text if t.strip()})
         lookup = {n: i for i, n in enumerate(names)}
         labels = np.array([lookup.get(t, -1) for t in text], dtype=np.int64)
@@ -372,46 +387,45 @@ class CatalogSource:
             if index is None:
                 raise ConfigError(f"classes has {c!r}, not one of the catalog's classes {names}")
             chosen.append(index)
-        relabel = np.full(len(names), -1, dtype=np.int64)
-        relabel[chosen] = np.arange(len(chosen))
-        return np.where(labels >= 0, relabel[np.clip(labels, 0, None)], -1), \
-            [names[i] for i in chosen], chosen
+        return relabel(labels, chosen, len(names)), [names[i] for i in chosen], chosen
 
     def _duplicates(self, table: Any, path: Path, rows: np.ndarray) -> np.ndarray:
         """Mask over ``rows``: True for a repeat of an earlier row (same id, or within
         ``dedupe_arcsec`` on the sky)."""
-        repeat = np.zeros(len(rows), dtype=bool)
         if self.dedupe == "id":
-            ids = _as_str(_column(table, self.id_column, "id_column", path))[rows]
-            _, first = np.unique(ids.astype(str), return_index=True)
-            repeat[:] = True
-            repeat[first] = False
-        elif self.dedupe == "position":
-            from astropy import units as u
-            from astropy.coordinates import SkyCoord, search_around_sky
-
-            ra = _column(table, self.ra_column, "ra_column", path).astype(np.float64)[rows]
-            dec = _column(table, self.dec_column, "dec_column", path).astype(np.float64)[rows]
-            coords = SkyCoord(ra * u.deg, dec * u.deg)
-            i, j, _, _ = search_around_sky(coords, coords, self.dedupe_arcsec * u.arcsec)
-            later = j > i  # each pair once; the later row of a pair repeats the earlier one
-            repeat[np.unique(j[later])] = True
-        return repeat
+            ids = as_text(table_column(table, self.id_column, "id_column", path))[rows]
+            return repeats(ids.astype(str))
+        if self.dedupe == "position":
+            ra = table_column(table, self.ra_column, "ra_column", path).astype(np.float64)[rows]
+            dec = table_column(table, self.dec_column, "dec_column", path).astype(np.float64)[rows]
+            return repeats_on_sky(ra, dec, self.dedupe_arcsec)
+        return np.zeros(len(rows), dtype=bool)
 
     def _split(self, table: Any, path: Path) -> np.ndarray | None:
+        """The split code of every catalog row (None without a split column)."""
         if self.split_column is None:
             return None
-        values = _as_str(_column(table, self.split_column, "split_column", path))
-        codes = np.array([SPLIT_VALUES.get(v.strip().lower(), 255) for v in values], dtype=np.uint8)
-        bad = sorted({v for v, c in zip(values, codes) if c == 255})
+        values = as_text(table_column(table, self.split_column, "split_column", path))
+        codes = split_codes(values)
+        bad = sorted({v for v, c in zip(values, codes) if c == UNKNOWN_SPLIT})
         if bad:
             raise DataError(f"{path}: column '{self.split_column}' holds {bad[:3]}; use train/val/"
                             "test (or 0/1/2)")
         return codes
 
-    def _image_paths(self, table: Any, path: Path, roots: list[Path], rows: np.ndarray
+    def _image_paths(self, table: Any, catalog: Path, roots: list[Path], rows: np.ndarray
                      ) -> tuple[list[tuple[Path, ...] | None], list[str]]:
-        return resolve_image_paths(table, path, roots, self.image_columns, self.match, rows)
+        """The image files of ``rows`` (None where missing) and the names that did not resolve;
+        refused when none resolves, or any does not with ``on_error=error``."""
+        paths, missing = resolve_image_paths(table, catalog, roots, self.image_columns, self.match,
+                                             rows)
+        if missing and (self.on_error == "error" or len(missing) == len(rows)):
+            how = "by name anywhere below" if self.match == "name" else "under"
+            hint = "" if self.match == "name" else "; or set match=name to find files by name"
+            raise DataError(f"{catalog}: {len(missing)} of {len(rows)} image paths do not resolve "
+                            f"{how} {', '.join(map(str, roots))} (first three: "
+                            f"{', '.join(missing[:3])}); check image_root and image_columns{hint}")
+        return paths, missing
 
     def _reader(self, paths: list[tuple[Path, ...]], catalog: Path) -> ImageReader:
         """The image reader, with fixed stretch limits estimated now if asked for: from a seeded
@@ -443,12 +457,35 @@ class CatalogSource:
 
     def _convert(self, catalog: Path, roots: list[Path], target: Path, expected: dict[str, Any],
                  progress: bool) -> None:
-        from tqdm.auto import tqdm
-
+        """Write the prepared file: choose the rows, find and read their images, stream them in."""
         table = read_table(catalog)
-        n_rows = len(table)
-        if n_rows == 0:
+        if len(table) == 0:
             raise DataError(f"{catalog}: the catalog has no rows")
+        chosen = self._choose_rows(table, catalog)
+        paths, missing = self._image_paths(table, catalog, roots, chosen.rows)
+        jobs = [(i, p) for i, p in enumerate(paths) if p is not None]
+        reader = self._reader([p for _, p in jobs], catalog)
+        first = self._first_image(reader, jobs)
+        spec = self._spec(first, chosen.names, reader, [p for _, p in jobs])
+        reader.spec = spec
+        columns = self._row_columns(table, catalog, chosen)
+        notes = [f"{k.replace('_', ' ')} {v}" for k, v in chosen.dropped.items() if v]
+        notes += [f"missing files {len(missing)}"] if missing else []
+        dropped = f" (dropped: {', '.join(notes)})" if notes else ""
+        announce(f"preparing {target.name} from {catalog.name}: {len(jobs)} images of "
+                 f"{chosen.catalog_rows} rows{dropped}", progress)
+        provenance = {**expected, "class_names": chosen.names}
+        unreadable = self._write(target, catalog, reader, jobs, chosen, columns, provenance,
+                                 len(missing), progress)
+        for what, items in (("missing", missing), ("unreadable", unreadable)):
+            if items:
+                note = (f"{target.name}: skipped {len(items)} {what} image(s), e.g. "
+                        f"{'; '.join(items[:3])}")
+                announce(note, progress, logging.WARNING)
+
+    def _choose_rows(self, table: Any, catalog: Path) -> _ChosenRows:
+        """The rows whose images will be read: labelled, of a kept class, not a repeat, and
+        drawn per class (``n_per_class``); with what was dropped on the way."""
         labels, names, targets, dropped = self._labels(table, catalog)
         labels, names, chosen = self._keep_classes(labels, names)
         if targets is not None:
@@ -457,93 +494,79 @@ class CatalogSource:
             targets = np.divide(targets, sums, out=np.zeros_like(targets), where=sums > 0)
         split = self._split(table, catalog)
         rows = np.flatnonzero(labels >= 0)
-        dropped["other_classes"] = int(n_rows - len(rows) - sum(dropped.values()))
+        dropped["other_classes"] = int(len(table) - len(rows) - sum(dropped.values()))
         repeat = self._duplicates(table, catalog, rows)
         dropped["duplicates"] = int(repeat.sum())
-        rows = rows[~repeat]
-        rng = np.random.default_rng(self.seed)
-        if self.n_per_class is not None:
-            picked = []
-            for k, name in enumerate(names):
-                members = rows[labels[rows] == k]
-                if len(members) < self.n_per_class:
-                    raise DataError(f"{catalog}: class '{name}' has {len(members)} rows, fewer "
-                                    f"than n_per_class={self.n_per_class}; lower it")
-                picked.append(rng.choice(members, self.n_per_class, replace=False))
-            rows = np.sort(np.concatenate(picked))
-        paths, missing = self._image_paths(table, catalog, roots, rows)
-        if missing and (self.on_error == "error" or len(missing) == len(rows)):
-            how = "by name anywhere below" if self.match == "name" else "under"
-            hint = "" if self.match == "name" else "; or set match=name to find files by name"
-            raise DataError(f"{catalog}: {len(missing)} of {len(rows)} image paths do not resolve "
-                            f"{how} {', '.join(map(str, roots))} (first three: "
-                            f"{', '.join(missing[:3])}); check image_root and image_columns{hint}")
-        jobs = [(i, p) for i, p in enumerate(paths) if p is not None]
-        reader = self._reader([p for _, p in jobs], catalog)
-        first = self._first_image(reader, jobs)
-        spec = self._spec(first, names, reader, [p for _, p in jobs])
-        reader.spec = spec
-        ids = _as_str(_column(table, self.id_column, "id_column", catalog))[rows] \
+        rows = draw_per_class(rows[~repeat], labels, self.n_per_class, self.seed, catalog,
+                              [f"'{name}'" for name in names], "rows")
+        return _ChosenRows(rows, labels, names, split, targets, dropped, len(table))
+
+    def _row_columns(self, table: Any, catalog: Path, chosen: _ChosenRows) -> dict[str, np.ndarray]:
+        """The optional prepared columns (:data:`~galaxy_lightning.data.prepared.COLUMNS`) of the
+        chosen rows that this catalog has: source row, identity, split and soft targets."""
+        rows = chosen.rows
+        ids = as_text(table_column(table, self.id_column, "id_column", catalog))[rows] \
             if self.id_column else None
-        ra = _column(table, self.ra_column, "ra_column", catalog).astype(np.float64)[rows] \
+        ra = table_column(table, self.ra_column, "ra_column", catalog).astype(np.float64)[rows] \
             if self.ra_column else None
-        dec = _column(table, self.dec_column, "dec_column", catalog).astype(np.float64)[rows] \
+        dec = table_column(table, self.dec_column, "dec_column", catalog).astype(np.float64)[rows] \
             if self.dec_column else None
         columns = {"source_index": rows, "id": ids, "ra": ra, "dec": dec,
-                   "split": split[rows] if split is not None else None,
-                   "targets": targets[rows] if targets is not None else None}
-        columns = {k: v for k, v in columns.items() if v is not None}
+                   "split": chosen.split[rows] if chosen.split is not None else None,
+                   "targets": chosen.targets[rows] if chosen.targets is not None else None}
+        return {k: v for k, v in columns.items() if v is not None}
+
+    def _write(self, target: Path, catalog: Path, reader: ImageReader,
+               jobs: list[tuple[int, tuple[Path, ...]]], chosen: _ChosenRows,
+               columns: dict[str, np.ndarray], provenance: dict[str, Any], missing: int,
+               progress: bool) -> list[str]:
+        """Stream the images of ``jobs`` into the prepared file, read in worker processes for
+        long lists; return the errors of the images that could not be read (skipped)."""
         workers = self.workers if self.workers is not None else (
             min(os.cpu_count() or 1, 8) if len(jobs) >= 256 else 0)
         unreadable: list[str] = []
-        written_labels: list[np.ndarray] = []
-        notes = [f"{k.replace('_', ' ')} {v}" for k, v in dropped.items() if v]
-        notes += [f"missing files {len(missing)}"] if missing else []
-        message = (f"preparing {target.name} from {catalog.name}: {len(jobs)} images of "
-                   f"{n_rows} rows" + (f" (dropped: {', '.join(notes)})" if notes else ""))
-        announce(message, progress)
-        provenance = {**expected, "class_names": names}
-        with PreparedWriter(target, len(jobs), spec, provenance, tuple(columns), at_most=True) as writer, \
-                tqdm(total=len(jobs), unit="img", desc=f"preparing {target.name}",
-                     disable=not progress) as bar:
-            block: list[tuple[int, np.ndarray]] = []
-
-            def flush() -> None:
-                if not block:
-                    return
+        written: list[np.ndarray] = []
+        with PreparedWriter(target, len(jobs), reader.spec, provenance, tuple(columns),
+                            at_most=True) as writer, \
+                console.progress(total=len(jobs), unit="img", desc=f"preparing {target.name}",
+                                 enabled=progress) as bar:
+            for block in self._readable(read_images(reader, jobs, workers), bar, unreadable):
                 index = np.array([i for i, _ in block])
-                writer.write(np.stack([img for _, img in block]), labels[rows[index]],
+                labels = chosen.labels[chosen.rows[index]]
+                writer.write(np.stack([img for _, img in block]), labels,
                              **{k: v[index] for k, v in columns.items()})
-                written_labels.append(labels[rows[index]])
-                block.clear()
-
-            for index, result in read_images(reader, jobs, workers):
-                bar.update(1)
-                if isinstance(result, Exception):
-                    if self.on_error == "error":
-                        raise DataError(f"{result}; fix or remove the file, or set on_error=skip")
-                    unreadable.append(str(result))
-                    continue
-                block.append((index, result))
-                if len(block) >= 256:
-                    flush()
-            flush()
-            counts = np.bincount(np.concatenate(written_labels) if written_labels else
-                                 np.zeros(0, np.int64), minlength=len(names))
-            few = [f"{n} ({c})" for n, c in zip(names, counts) if c < self.min_per_class]
+                written.append(labels)
+            counts = np.bincount(np.concatenate(written) if written else np.zeros(0, np.int64),
+                                 minlength=len(chosen.names))
+            few = [f"{n} ({c})" for n, c in zip(chosen.names, counts) if c < self.min_per_class]
             if few:
                 raise DataError(f"{catalog}: classes with fewer than {self.min_per_class} readable "
                                 f"images: {', '.join(few)}; drop them with classes=[...] or add "
                                 "images")
-            provenance["counts"] = {"catalog_rows": n_rows, "dropped": dropped,
-                                    "missing_files": len(missing), "unreadable": len(unreadable),
-                                    "per_class": dict(zip(names, counts.tolist()))}
+            provenance["counts"] = {"catalog_rows": chosen.catalog_rows, "dropped": chosen.dropped,
+                                    "missing_files": missing, "unreadable": len(unreadable),
+                                    "per_class": dict(zip(chosen.names, counts.tolist()))}
             writer.provenance = provenance
-        for what, items in (("missing", missing), ("unreadable", unreadable)):
-            if items:
-                note = (f"{target.name}: skipped {len(items)} {what} image(s), e.g. "
-                        f"{'; '.join(items[:3])}")
-                announce(note, progress, logging.WARNING)
+        return unreadable
+
+    def _readable(self, results: Iterable[tuple[int, np.ndarray | GalaxyError]], bar: Any,
+                  unreadable: list[str], size: int = 256) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """Blocks of up to ``size`` (index, image) read; an unreadable image is fatal
+        (``on_error=error``) or skipped, its error appended to ``unreadable``."""
+        block: list[tuple[int, np.ndarray]] = []
+        for index, result in results:
+            bar.update(1)
+            if isinstance(result, Exception):
+                if self.on_error == "error":
+                    raise DataError(f"{result}; fix or remove the file, or set on_error=skip")
+                unreadable.append(str(result))
+                continue
+            block.append((index, result))
+            if len(block) >= size:
+                yield block
+                block = []
+        if block:
+            yield block
 
     def _first_image(self, reader: ImageReader, jobs: list[tuple[int, tuple[Path, ...]]]
                      ) -> np.ndarray:

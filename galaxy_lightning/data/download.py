@@ -18,19 +18,19 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from galaxy_lightning import console
 from galaxy_lightning.data.prepared import file_lock
 from galaxy_lightning.errors import DataError
+from galaxy_lightning.files import write_atomic
 
 CHUNK = 1 << 20
 
 
 def sha256_of(path: Path, progress: bool = False) -> str:
     """SHA256 hex digest of a file, read in 1 MiB blocks."""
-    from tqdm.auto import tqdm
-
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                      desc=f"verifying {path.name}", disable=not progress) as bar:
+    with open(path, "rb") as f, console.progress(total=path.stat().st_size, unit="B", unit_scale=True,
+                                                 desc=f"verifying {path.name}", enabled=progress) as bar:
         for block in iter(lambda: f.read(CHUNK), b""):
             digest.update(block)
             bar.update(len(block))
@@ -50,9 +50,7 @@ def _remember(path: Path, digest: str) -> None:
     """Write the verification marker of ``path`` (atomically; skipped on a read-only folder)."""
     marker = _marker(path)
     try:
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps({"identity": _identity(path), "sha256": digest}))
-        os.replace(tmp, marker)
+        write_atomic(marker, json.dumps({"identity": _identity(path), "sha256": digest}))
     except OSError:
         pass  # a read-only data directory: verify again next time
 
@@ -84,8 +82,6 @@ def verify(path: Path, sha256: str | None, progress: bool = True) -> None:
 
 def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
     """Append the rest of ``url`` to ``part`` (resuming from its size); raises on any failure."""
-    from tqdm.auto import tqdm
-
     start = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "galaxy_lightning"})
     if start:
@@ -105,8 +101,8 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
             out = open(part, "ab" if start else "wb")
         except OSError as err:
             raise _cannot_write(part, err) from None
-        with out, tqdm(total=total, initial=start, unit="B", unit_scale=True,
-                       desc=f"downloading {part.name[:-5]}", disable=not progress) as bar:
+        with out, console.progress(total=total, initial=start, unit="B", unit_scale=True,
+                                   desc=f"downloading {part.name[:-5]}", enabled=progress) as bar:
             received = 0
             for block in iter(lambda: response.read(CHUNK), b""):
                 try:

@@ -3,9 +3,10 @@
 One conversion serves every real-data source:
 
 1. check the source's keys, dtypes and shapes (one-line errors naming the file, key and fix);
-2. pick rows: optional de-duplication of repeated sky positions (``dedupe_keys``, e.g. ra/dec:
-   the same galaxy twice would leak between splits), class selection with relabelling to 0..K-1,
-   and a seeded draw of ``n_per_class`` images per class;
+2. pick rows (with :mod:`~galaxy_lightning.data.selection`, as every source does): optional
+   de-duplication of repeated sky positions (``dedupe_keys``, e.g. ra/dec: the same galaxy
+   twice would leak between splits), class selection with relabelling to 0..K-1, and a seeded
+   draw of ``n_per_class`` images per class;
 3. stream the chosen rows in blocks aligned to the file's HDF5 chunks (a 2.5 GB source needs well
    under 1 GB of memory), center-crop and optionally resize them, and convert float or grayscale
    pixels to uint8 (N, H, W, C);
@@ -18,42 +19,27 @@ The source file is only ever opened read-only.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from galaxy_lightning.data.prepared import (
-    SPLIT_NAMES,
-    PreparedWriter,
-    announce,
-    file_lock,
-    provenance_matches,
+from galaxy_lightning import console
+from galaxy_lightning.data.prepared import PreparedWriter, announce, prepare_once
+from galaxy_lightning.data.selection import (
+    UNKNOWN_SPLIT,
+    as_text,
+    draw_per_class,
+    relabel,
+    repeats,
+    split_codes,
 )
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.input_spec import InputSpec, check_source_options
 
 PREPARATION_VERSION = 1
-
-
-def _decode_split(values: np.ndarray, path: Path, key: str) -> np.ndarray:
-    """Split values 'train'/'val'/'test' (str or bytes) or 0/1/2 -> uint8 codes."""
-    if values.dtype.kind in "SOU":
-        text = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
-        codes = np.full(len(text), 255, dtype=np.uint8)
-        for i, name in enumerate(SPLIT_NAMES):
-            codes[text == name] = i
-    elif values.dtype.kind in "iu":
-        codes = np.where((values >= 0) & (values <= 2), values, 255).astype(np.uint8)
-    else:
-        codes = np.full(len(values), 255, dtype=np.uint8)
-    if (codes == 255).any():
-        bad = values[np.flatnonzero(codes == 255)[0]]
-        bad = bad.decode() if isinstance(bad, bytes) else bad.item() if hasattr(bad, "item") else bad
-        raise DataError(f"{path}: split key '{key}' holds {bad!r}; use 'train'/'val'/'test' or "
-                        "0/1/2")
-    return codes
 
 
 class HDF5Source:
@@ -133,16 +119,10 @@ class HDF5Source:
         if target.resolve() == source.resolve():
             raise ConfigError(f"prepared_name={self.prepared_name!r} would overwrite the source "
                               f"{source}; choose another name")
-        if provenance_matches(target, expected):
-            return target
-        with file_lock(target):  # another process may be converting the same file right now
-            if not provenance_matches(target, expected):
-                self._convert(source, target, expected, progress)
-        return target
+        return prepare_once(target, expected,
+                            lambda path: self._convert(source, path, expected, progress))
 
     def _convert(self, source: Path, target: Path, expected: dict[str, Any], progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         try:
             f = h5py.File(source, "r")
         except OSError as err:
@@ -161,37 +141,41 @@ class HDF5Source:
                        f"dropped, per class {stats['kept_per_class']}")
             announce(message, progress)
             provenance = {**expected, "counts": stats, "class_names": chosen_names}
-            block = max(1, (images.chunks or (64,))[0])
-            block *= max(1, 128 // block)
             # the objects' identity, when the source has it, for outputs that name objects
             identity = {name: np.asarray(f[key][...])[rows] for name, key in
                         (("id", self.id_key), ("ra", "ra"), ("dec", "dec"))
                         if key is not None and key in f and f[key].shape == (len(labels),)}
             if "id" in identity:
-                identity["id"] = np.array([v.decode() if isinstance(v, bytes) else str(v)
-                                           for v in identity["id"]])
-            columns = ("source_index",) + (("split",) if split is not None else ()) + tuple(identity)
-            with PreparedWriter(target, n, spec, provenance, columns) as writer, \
-                    tqdm(total=n, unit="img", desc=f"preparing {target.name}",
-                         disable=not progress) as bar:
-                starts = np.searchsorted(rows, np.arange(0, images.shape[0] + block, block))
-                for b, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
-                    if lo == hi:
-                        continue
-                    first = b * block
-                    try:
-                        chunk = images[first:min(first + block, images.shape[0])]
-                    except OSError as err:
-                        raise DataError(f"{source}: reading rows {first}.. of '{self.images_key}' "
-                                        f"failed (truncated or corrupt: {err}); replace the "
-                                        "file with a complete copy") from None
-                    pixels = self._to_uint8(chunk[rows[lo:hi] - first], source, rows[lo:hi])
+                identity["id"] = as_text(identity["id"])
+            columns = {"source_index": rows, **({"split": split} if split is not None else {}),
+                       **identity}
+            with PreparedWriter(target, n, spec, provenance, tuple(columns)) as writer, \
+                    console.progress(total=n, unit="img", desc=f"preparing {target.name}",
+                                     enabled=progress) as bar:
+                for lo, hi, pixels in self._blocks(source, images, rows):
                     pixels = spec.conform(pixels)  # the source crop, then the resize
                     writer.write(np.ascontiguousarray(pixels), new_labels[lo:hi],
-                                 source_index=rows[lo:hi],
-                                 split=split[lo:hi] if split is not None else None,
-                                 **{k: v[lo:hi] for k, v in identity.items()})
+                                 **{k: v[lo:hi] for k, v in columns.items()})
                     bar.update(hi - lo)
+
+    def _blocks(self, source: Path, images: h5py.Dataset, rows: np.ndarray
+                ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(lo, hi, uint8 pixels of rows[lo:hi])``, reading the source in blocks aligned to
+        its HDF5 chunks, so that memory stays small however large the file is."""
+        block = max(1, (images.chunks or (64,))[0])
+        block *= max(1, 128 // block)
+        starts = np.searchsorted(rows, np.arange(0, images.shape[0] + block, block))
+        for b, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+            if lo == hi:
+                continue
+            first = b * block
+            try:
+                chunk = images[first:min(first + block, images.shape[0])]
+            except OSError as err:
+                raise DataError(f"{source}: reading rows {first}.. of '{self.images_key}' "
+                                f"failed (truncated or corrupt: {err}); replace the "
+                                "file with a complete copy") from None
+            yield lo, hi, self._to_uint8(chunk[rows[lo:hi] - first], source, rows[lo:hi])
 
     def _check(self, source: Path, f: h5py.File) -> tuple[h5py.Dataset, np.ndarray, list[str]]:
         keys = ", ".join(sorted(f.keys()))
@@ -239,53 +223,46 @@ class HDF5Source:
     def _select(self, source: Path, f: h5py.File, labels: np.ndarray, names: list[str]
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
         """Rows to keep (sorted), their new labels, their split codes, and counts for provenance."""
-        keep = np.ones(len(labels), dtype=bool)
-        duplicates = 0
+        repeat = np.zeros(len(labels), dtype=bool)
         if self.dedupe_keys:
             for key in self.dedupe_keys:
                 if key not in f:
                     raise DataError(f"{source}: de-duplication key '{key}' not found; set "
                                     "dedupe_keys (or null)")
-            position = np.stack([np.asarray(f[k][...], dtype=np.float64) for k in self.dedupe_keys], 1)
-            _, first = np.unique(position, axis=0, return_index=True)
-            unique = np.zeros(len(labels), dtype=bool)
-            unique[first] = True
-            duplicates = int((~unique).sum())
-            keep &= unique
+            repeat = repeats(np.stack([np.asarray(f[k][...], dtype=np.float64)
+                                       for k in self.dedupe_keys], 1))
         classes = self.classes if self.classes is not None else list(range(len(names)))
-        relabel = np.full(len(names), -1, dtype=np.int64)
-        relabel[classes] = np.arange(len(classes))
-        keep &= relabel[labels] >= 0
-        rng = np.random.default_rng(self.seed)
-        chosen: list[np.ndarray] = []
-        available = {}
-        for c in classes:
-            rows = np.flatnonzero(keep & (labels == c))
-            available[names[c]] = int(len(rows))
-            if self.n_per_class is not None:
-                if len(rows) < self.n_per_class:
-                    raise DataError(
-                        f"{source}: class {c} ({names[c]}) has {len(rows)} images"
-                        f"{' after de-duplication' if self.dedupe_keys else ''}, fewer than "
-                        f"n_per_class={self.n_per_class}; lower it")
-                rows = rng.choice(rows, self.n_per_class, replace=False)
-            chosen.append(rows)
-        rows = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+        kept_labels = relabel(labels, classes, len(names))
+        candidates = np.flatnonzero(~repeat & (kept_labels >= 0))
+        available = {names[c]: int((kept_labels[candidates] == k).sum())
+                     for k, c in enumerate(classes)}
+        rows = draw_per_class(candidates, kept_labels, self.n_per_class, self.seed, source,
+                              [f"{c} ({names[c]})" for c in classes],
+                              "images after de-duplication" if self.dedupe_keys else "images")
         if len(rows) == 0:
             raise DataError(f"{source}: no images left after selecting classes {classes}; check "
                             "classes")
-        split = None
-        if self.split_key is not None:
-            if self.split_key not in f:
-                raise DataError(f"{source}: split key '{self.split_key}' not found; set "
-                                "split_key (or null)")
-            split = _decode_split(np.asarray(f[self.split_key][...]), source, self.split_key)[rows]
-        new_labels = relabel[labels[rows]]
-        stats = {"source_rows": int(len(labels)), "duplicates_dropped": duplicates,
+        split = self._split(source, f)[rows] if self.split_key is not None else None
+        new_labels = kept_labels[rows]
+        stats = {"source_rows": int(len(labels)), "duplicates_dropped": int(repeat.sum()),
                  "available_per_class": available,
                  "kept_per_class": {names[c]: int((new_labels == i).sum())
                                     for i, c in enumerate(classes)}}
         return rows.astype(np.int64), new_labels, split, stats
+
+    def _split(self, source: Path, f: h5py.File) -> np.ndarray:
+        """The split codes of every row of the source, from its ``split_key`` array."""
+        if self.split_key not in f:
+            raise DataError(f"{source}: split key '{self.split_key}' not found; set "
+                            "split_key (or null)")
+        values = np.asarray(f[self.split_key][...])
+        codes = split_codes(values)
+        if (codes == UNKNOWN_SPLIT).any():
+            bad = values[np.flatnonzero(codes == UNKNOWN_SPLIT)[0]]
+            bad = bad.decode() if isinstance(bad, bytes) else bad.item() if hasattr(bad, "item") else bad
+            raise DataError(f"{source}: split key '{self.split_key}' holds {bad!r}; use "
+                            "'train'/'val'/'test' or 0/1/2")
+        return codes
 
     def _to_uint8(self, pixels: np.ndarray, source: Path, source_rows: np.ndarray) -> np.ndarray:
         if pixels.ndim == 3:

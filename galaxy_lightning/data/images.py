@@ -14,11 +14,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 
@@ -63,6 +67,7 @@ def check_stretch(stretch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _stretch_object(params: Mapping[str, Any]) -> Any:
+    # deferred: astropy.visualization takes about a third of a second to import (FITS only)
     from astropy.visualization import AsinhStretch, LinearStretch, LogStretch, SqrtStretch
 
     kind, a = params["kind"], params.get("a")
@@ -76,6 +81,7 @@ def _stretch_object(params: Mapping[str, Any]) -> Any:
 
 
 def _interval(params: Mapping[str, Any]) -> Any:
+    # deferred: astropy.visualization takes about a third of a second to import (FITS only)
     from astropy.visualization import MinMaxInterval, PercentileInterval, ZScaleInterval
 
     name = params["interval"]
@@ -99,6 +105,7 @@ def stretch_to_uint8(flux: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     Limits come from the image itself (``per_image``) or are fixed (``vmin``/``vmax``, one value
     or one per band; :func:`fixed_limits` estimates them from a sample of the training images).
     """
+    # deferred: astropy.visualization takes about a third of a second to import (FITS only)
     from astropy.visualization import ImageNormalize
 
     stretch = _stretch_object(params)
@@ -164,6 +171,7 @@ def fill_nan(flux: np.ndarray, policy: str, name: str) -> np.ndarray:
 
 def read_fits(path: Path, hdu: int | str = 0) -> np.ndarray:
     """(H, W, C) float32 fluxes of a FITS image: 2-D (one band) or a 3-D cube of bands."""
+    # deferred: astropy.io.fits takes about a quarter of a second to import (FITS only)
     from astropy.io import fits
 
     try:
@@ -190,8 +198,6 @@ def read_raster(path: Path, channels: int | None) -> np.ndarray:
 
     A 16-bit grayscale PNG is scaled to 8 bits (value / 257, so 65535 -> 255): Pillow's own
     conversion to 8 bits clips every value above 255 to white."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             img.load()
@@ -218,18 +224,6 @@ def read_flux(paths: Sequence[Path], hdu: int | str = 0, nan: str = "median") ->
         raise DataError(f"{paths[0]}: the bands of one object differ in shape "
                         f"({[b.shape[:2] for b in bands]})")
     return fill_nan(np.concatenate(bands, axis=-1), nan, str(paths[0]))
-
-
-def read_image(paths: Sequence[Path], *, channels: int | None = None, hdu: int | str = 0,
-               nan: str = "median", stretch: Mapping[str, Any] | None = None) -> np.ndarray:
-    """One object's image: (H, W, C) uint8 from one file or one file per band.
-
-    FITS fluxes are NaN-filled and stretched with ``stretch`` (complete parameters, see
-    :func:`check_stretch`); PNG/JPEG pixels are taken as they are.
-    """
-    if len(paths) == 1 and not is_fits(paths[0]):
-        return read_raster(paths[0], channels)
-    return stretch_to_uint8(read_flux(paths, hdu, nan), stretch or DEFAULT_STRETCH)
 
 
 class ImageReader:
@@ -304,8 +298,6 @@ def _read_chunk(reader: ImageReader, chunk: list[tuple[int, Sequence[Path]]]
 
 
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)  # each worker process reads and resizes on its own core
 
 
@@ -321,9 +313,6 @@ def read_images(reader: ImageReader, jobs: Sequence[tuple[int, Sequence[Path]]],
         for c in chunks:
             yield from _read_chunk(reader, c)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     # fork where there is one (as torch's DataLoader workers do: one thread per worker, set by
     # the initializer, so the parent's thread pools are never used in the child); spawning would
     # import torch again in every worker, seconds each

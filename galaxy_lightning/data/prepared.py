@@ -17,6 +17,8 @@ class names and the provenance.
 
 Files are written to a temporary name beside the target and renamed into place only when
 complete, so a crash never leaves a half-written file that a later run could take for a good one.
+Every source makes its file through :func:`prepare_once`: reused while the provenance matches,
+made by one process at a time otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +35,10 @@ from typing import Any
 
 import h5py
 import numpy as np
+from filelock import FileLock
 
 from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.files import temporary_path
 from galaxy_lightning.input_spec import InputSpec
 
 FORMAT = "galaxy_lightning.prepared"
@@ -113,7 +117,7 @@ class PreparedWriter:
         self.provenance = provenance
         self.columns = tuple(columns)
         self.at_most = at_most
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = temporary_path(self.path)  # renamed into place on success only
         self._file: h5py.File | None = None
         self._rows = 0
 
@@ -227,8 +231,6 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     Processes started together (the ranks of a DDP job under a cluster's launcher, parallel
     sweep jobs) would otherwise simulate, download or convert the same file at once: one makes
     it while the others wait, then they find it made and reuse it."""
-    from filelock import FileLock
-
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,14 +251,6 @@ def announce(message: str, progress: bool = True, level: int = logging.INFO) -> 
     logging.getLogger("galaxy_lightning.data").log(level, message)
     if progress and not logging.getLogger().handlers:
         print(message, flush=True)
-
-
-def write_prepared(path: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray,
-                   spec: InputSpec, provenance: dict[str, Any], **columns: np.ndarray) -> Path:
-    """Write whole in-memory arrays as a prepared file (atomically)."""
-    with PreparedWriter(path, len(images), spec, provenance, tuple(columns)) as writer:
-        writer.write(images, labels, **columns)
-    return Path(path)
 
 
 def _open(path: Path) -> h5py.File:
@@ -375,3 +369,23 @@ def provenance_matches(path: str | os.PathLike[str], expected: dict[str, Any]) -
     # Round-trip through JSON so that tuples/lists and int/float spellings compare equal.
     expected = json.loads(json.dumps(expected, sort_keys=True))
     return all(info.provenance.get(key) == value for key, value in expected.items())
+
+
+def prepare_once(target: str | os.PathLike[str], provenance: dict[str, Any],
+                 convert: Callable[[Path], None]) -> Path:
+    """Return ``target``, made first by ``convert(target)`` unless it is a prepared file of this
+    ``provenance`` (:func:`provenance_matches`): the one way every data source prepares its file.
+
+    A matching file is reused without waiting for a lock. Otherwise the target's
+    :func:`file_lock` is taken and the provenance checked again, since another process may have
+    made the file meanwhile: processes started together make it once. ``convert`` writes it with
+    a :class:`PreparedWriter`, which writes a temporary file and renames it into place only when
+    complete, and removes it when conversion fails or is interrupted.
+    """
+    target = Path(target)
+    if provenance_matches(target, provenance):
+        return target
+    with file_lock(target):
+        if not provenance_matches(target, provenance):
+            convert(target)
+    return target

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from galaxy_lightning import console
 from galaxy_lightning.data.galaxy10 import TUTORIAL_CLASS_NAMES
-from galaxy_lightning.data.prepared import PreparedWriter, file_lock, provenance_matches
+from galaxy_lightning.data.prepared import PreparedWriter, prepare_once
 from galaxy_lightning.input_spec import InputSpec
 
 #: The tutorial's 7 Galaxy10 DECaLS classes, which the simulator draws.
@@ -277,23 +278,16 @@ class SyntheticGalaxies:
 
     def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
         """Return the prepared file under ``data_dir``, simulating it first if needed."""
-        path = Path(data_dir) / self.filename
-        if provenance_matches(path, self.provenance):
-            return path
-        with file_lock(path):  # another process may be simulating the same set right now
-            if not provenance_matches(path, self.provenance):
-                self._simulate(path, progress)
-        return path
+        return prepare_once(Path(data_dir) / self.filename, self.provenance,
+                            lambda path: self._simulate(path, progress))
 
     def _simulate(self, path: Path, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         total = self.n_per_class * len(CLASS_NAMES)
         chunk = 700
         spec = InputSpec(class_names=tuple(CLASS_NAMES), channels=3, image_size=self.image_size)
         with PreparedWriter(path, total, spec, self.provenance) as writer, \
-                tqdm(total=total, desc=f"simulating {path.name}", unit="img",
-                     disable=not progress) as bar:
+                console.progress(total=total, desc=f"simulating {path.name}", unit="img",
+                                 enabled=progress) as bar:
             for start in range(0, total, chunk):
                 images, labels = simulate(self.n_per_class, self.image_size, self.seed, start,
                                           start + chunk)
@@ -303,6 +297,7 @@ class SyntheticGalaxies:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m galaxy_lightning.data.synthetic --out grid.png``: look at the simulator."""
+    # deferred: plots imports matplotlib, which the data source itself never needs
     from galaxy_lightning.plots import image_grid_figure
 
     parser = argparse.ArgumentParser(description=main.__doc__)
