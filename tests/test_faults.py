@@ -428,6 +428,7 @@ def test_data_of_a_single_class_is_refused(tmp_path: Path, make_cfg) -> None:  #
         prepare_data(datamodule)
 
 
+@pytest.mark.slow
 def test_runs_print_no_third_party_banners(tmp_path: Path) -> None:
     """The process boundary of ``python train.py`` itself (every other run of this file is forked
     or in-process): what a user's terminal shows, import-time warnings included."""

@@ -6,8 +6,6 @@ import csv
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,21 +18,22 @@ from galaxy_lightning.sweep import (SweepSummary, group_by_config, markdown_tabl
                                     summary_statistics, t975)
 from galaxy_lightning.train import main
 
-from .cli import Result, in_process
+from .cli import Forked, Result, in_process
 from .conftest import TINY, compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(*args: str, sweep_dir: Path, data_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "-m", *TINY, *args, f"paths.data_dir={data_dir}",
+    """The arguments of ``train.py -m``: a sweep of tiny runs into ``sweep_dir``."""
+    return ["-m", *TINY, *args, f"paths.data_dir={data_dir}",
             f"hydra.sweep.dir={sweep_dir}"]
 
 
 def multirun(*args: str, sweep_dir: Path, data_dir: Path) -> Result:
     """``train.py -m TINY args`` in this process (Hydra's launchers start the jobs: in this
     process too for the basic one, in worker processes for joblib)."""
-    result = in_process(main, *command(*args, sweep_dir=sweep_dir, data_dir=data_dir)[2:], cwd=ROOT)
+    result = in_process(main, *command(*args, sweep_dir=sweep_dir, data_dir=data_dir), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -43,6 +42,7 @@ def summary(sweep_dir: Path) -> list[dict]:
     return list(csv.DictReader(open(sweep_dir / "summary.csv")))
 
 
+@pytest.mark.slow
 def test_grid_sweeps_give_separate_runs_and_a_summary_per_launch(tmp_path: Path,
                                                                  data_dir: Path) -> None:
     sweep = tmp_path / "sweep"
@@ -99,6 +99,7 @@ def test_the_summary_holds_the_jobs_this_launch_wrote(tmp_path: Path) -> None:
     assert len(summary(tmp_path)) == 4
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_three_trials(tmp_path: Path, data_dir: Path) -> None:
     sweep = tmp_path / "optuna"
     multirun("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
@@ -114,14 +115,13 @@ def test_optuna_search_runs_three_trials(tmp_path: Path, data_dir: Path) -> None
     assert best["best_value"] == pytest.approx(max(float(r["val/acc_best"]) for r in rows))
 
 
+@pytest.mark.slow
 def test_parallel_joblib_sweep_shares_the_cores(tmp_path: Path, data_dir: Path) -> None:
     sweep = tmp_path / "joblib"
     multirun("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2", sweep_dir=sweep,
              data_dir=data_dir)
     rows = summary(sweep)
     assert len(rows) == 2 and all(r["status"] == "done" for r in rows)
-    import os
-
     expected = max(1, (os.cpu_count() or 1) // 2)
     for row in rows:
         log = (Path(row["run_dir"]) / "train.log").read_text()
@@ -152,6 +152,7 @@ def test_slurm_launcher_config_composes(tmp_path: Path, monkeypatch: pytest.Monk
     assert any(isinstance(c, GracefulStop) for c in trainer.callbacks)
 
 
+@pytest.mark.slow
 def test_seed_sweep_from_any_directory_gives_the_comparison_table(tmp_path: Path,
                                                                    data_dir: Path) -> None:
     # No hydra.sweep.dir: the default logs/<task>/multiruns/<time> under the launch directory.
@@ -259,16 +260,16 @@ def test_a_killed_optuna_search_continues_with_the_remaining_trials(tmp_path: Pa
     sweep = tmp_path / "optuna"
     args = ("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2")
     # the first launch is killed (SIGKILL: nothing can clean up) while its second trial runs
-    first = subprocess.Popen(command(*args, sweep_dir=sweep, data_dir=data_dir), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # (a process of its own: the basic launcher runs the trials in it)
+    first = Forked(*command(*args, sweep_dir=sweep, data_dir=data_dir), cwd=ROOT)
     deadline = time.monotonic() + 600
     while (_trial_states(sweep / "optuna.db") != {0: "COMPLETE", 1: "RUNNING"}
            or not list(sweep.glob("1_*/.hydra/config.yaml"))):  # the second job has started
-        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert first.process.is_alive(), first.wait(5).stderr[-3000:]
         assert time.monotonic() < deadline, _trial_states(sweep / "optuna.db")
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=60).returncode == -signal.SIGKILL
 
     multirun(*args, sweep_dir=sweep, data_dir=data_dir)  # the same command: one trial is left
     study = optuna.load_study(study_name="galaxy_lightning", storage=f"sqlite:///{sweep}/optuna.db")
@@ -337,13 +338,15 @@ def test_every_sweep_job_has_its_own_directory_and_logger_run_names(tmp_path: Pa
         GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow
 def test_sweeps_started_together_never_share_a_directory(tmp_path: Path, data_dir: Path) -> None:
-    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=1,2", "logger=none",
-               f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}", "print_config=false"]
-    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-                 for _ in range(2)]
+    args = ["-m", *TINY, "seed=1,2", "logger=none", f"paths.data_dir={data_dir}",
+            f"paths.log_dir={tmp_path / 'logs'}", "print_config=false"]
+    # two processes of their own, started together (forked from the preloaded server)
+    processes = [Forked(*args, cwd=ROOT) for _ in range(2)]
     for p in processes:
-        assert p.wait(timeout=900) == 0, p.stderr.read()[-3000:]
+        result = p.wait(timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
     sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
     assert len(sweeps) == 2
     for sweep in sweeps:  # each summary holds its own two jobs, never the other sweep's
