@@ -111,9 +111,6 @@ def test_evaluation_of_another_prepared_file_and_bad_checkpoints(trained: tuple,
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="not a galaxy_lightning checkpoint"):
         read_checkpoint(tmp_path / "other.ckpt")
-    result = subprocess.run([sys.executable, "-m", "galaxy_lightning.evaluate", str(tmp_path / "none.ckpt")],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
 def test_evaluation_refuses_a_file_whose_pixels_were_made_otherwise(trained: tuple,
@@ -329,6 +326,22 @@ def test_version_1_checkpoints_are_not_resumed(version_1: tuple, make_cfg) -> No
 
 
 # -- the installable package ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args", [("galaxy-evaluate", []), ("galaxy-predict", ["x.png"]),
+                                          ("galaxy-export", []), ("galaxy-stretch", None)])
+def test_every_console_script_refuses_bad_input_in_one_line(tmp_path: Path, script: str,
+                                                            args: list[str] | None) -> None:
+    """The process boundary of each installed command (the tests call their main() in-process
+    otherwise): a missing input is one line on stderr and exit status 2, no traceback."""
+    command = Path(sys.executable).parent / script  # where pip installed the console script
+    assert command.is_file(), f"{command} is missing: pip install -e . installs it"
+    argv = [str(tmp_path / "none.fits")] if args is None else [str(tmp_path / "none.ckpt"), *args]
+    result = subprocess.run([str(command), *argv], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.slow
 def test_a_wheel_carries_the_configs_and_trains_outside_the_checkout(tmp_path: Path,
                                                                     data_dir: Path) -> None:
