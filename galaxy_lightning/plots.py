@@ -171,9 +171,11 @@ def _mosaic_figure(cells: Sequence[Sequence[np.ndarray | None]], cell_shape: tup
 
 
 def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                      per_class: int = 8, display: Mapping[str, Any] | None = None) -> Figure:
+                      per_class: int = 8, display: Mapping[str, Any] | None = None,
+                      title: str | None = None) -> Figure:
     """One row per class with up to ``per_class`` uint8 NHWC example images (any number of
-    channels, see :func:`display_bands`)."""
+    channels, see :func:`display_bands`); ``title`` (optional) says how the pixels were made,
+    e.g. the FITS stretch, so a badly stretched grid names its cause."""
     images, labels = np.asarray(images), np.asarray(labels)
     cells = [[_cell(images[i], display) for i in np.flatnonzero(labels == c)[:per_class]]
              for c in range(len(class_names))]
@@ -183,7 +185,7 @@ def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Seque
     for c, name in enumerate(class_names):
         ax.text(-0.1 * pitch_y, c * pitch_y + top + images.shape[1] / 2, name, ha="right",
                 va="center", fontsize=8)
-    caption = display_bands(np.shape(images)[-1])[1]
+    caption = "; ".join(t for t in (title, display_bands(np.shape(images)[-1])[1]) if t)
     if caption:
         fig.suptitle(caption, fontsize=8)
     return fig

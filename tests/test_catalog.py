@@ -186,8 +186,9 @@ def test_stretches_are_astropys_own(tmp_path: Path) -> None:
     )
 
     flux = np.moveaxis(galaxy_flux(1, bands=2), 0, -1).astype(np.float64)
-    cases = [({"kind": "asinh", "a": 0.05}, AsinhStretch(0.05), PercentileInterval(99.5)),
-             ({"kind": "log"}, LogStretch(), PercentileInterval(99.5)),
+    cases = [({"kind": "asinh", "a": 0.05, "interval": "percentile"}, AsinhStretch(0.05),
+              PercentileInterval(99.5)),
+             ({"kind": "log", "interval": "percentile"}, LogStretch(), PercentileInterval(99.5)),
              ({"kind": "sqrt", "interval": "zscale"}, SqrtStretch(), ZScaleInterval())]
     for params, stretch, interval in cases:
         out = stretch_to_uint8(flux, check_stretch(params))
@@ -207,7 +208,8 @@ def test_stretches_are_astropys_own(tmp_path: Path) -> None:
 def test_fixed_stretch_limits_are_estimated_once_and_recorded(tmp_path: Path) -> None:
     catalog = write_fits_set(tmp_path / "cutouts", "single")
     source = CatalogSource(str(catalog), ["{objid}.fits"], label_column="label", crop=32,
-                           stretch={"kind": "linear", "per_image": False}, min_per_class=1)
+                           stretch={"kind": "linear", "interval": "percentile", "per_image": False},
+                           min_per_class=1)
     spec = read_prepared(source.prepare(tmp_path, progress=False)).info.spec
     assert len(spec.stretch["vmin"]) == 1 and spec.stretch["vmax"][0] > spec.stretch["vmin"][0]
     # prediction applies exactly these limits to a new image: the same flux maps to the same

@@ -22,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from galaxy_lightning.data.images import describe_stretch
 from galaxy_lightning.files import atomic_file, write_atomic
 from galaxy_lightning.loggers import log_artifact, log_image, set_tensorboard_layout, takes_images
 from galaxy_lightning.models import count_parameters
@@ -96,8 +97,10 @@ class RunArtifacts(L.Callback):
         if not trainer.is_global_zero or trainer.datamodule is None:
             return
         images, labels = trainer.datamodule.examples(self.examples_per_class)
+        stretch = pl_module.spec.stretch
         fig = image_grid_figure(images, labels, pl_module.class_names, self.examples_per_class,
-                                display=pl_module.spec.display)
+                                display=pl_module.spec.display,
+                                title=describe_stretch(stretch) if stretch else None)
         self._figure(trainer, fig, "data/examples", "examples.png", dpi=100)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

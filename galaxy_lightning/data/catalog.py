@@ -41,6 +41,8 @@ from galaxy_lightning.data.images import (
     is_fits,
     read_flux,
     read_images,
+    stretch_looks,
+    stretch_warning,
 )
 from galaxy_lightning.data.prepared import PreparedWriter, announce, prepare_once
 from galaxy_lightning.data.selection import (
@@ -475,8 +477,12 @@ class CatalogSource:
         announce(f"preparing {target.name} from {catalog.name}: {len(jobs)} images of "
                  f"{chosen.catalog_rows} rows{dropped}", progress)
         provenance = {**expected, "class_names": chosen.names}
-        unreadable = self._write(target, catalog, reader, jobs, chosen, columns, provenance,
-                                 len(missing), progress)
+        unreadable, looks = self._write(target, catalog, reader, jobs, chosen, columns,
+                                        provenance, len(missing), progress)
+        # FITS: warn once when most stretched images are saturated or sky-grey (images.py's rule)
+        warning = stretch_warning(*looks) if spec.stretch is not None else None
+        if warning:
+            announce(f"{target.name}: {warning}", progress, logging.WARNING)
         for what, items in (("missing", missing), ("unreadable", unreadable)):
             if items:
                 note = (f"{target.name}: skipped {len(items)} {what} image(s), e.g. "
@@ -519,13 +525,15 @@ class CatalogSource:
     def _write(self, target: Path, catalog: Path, reader: ImageReader,
                jobs: list[tuple[int, tuple[Path, ...]]], chosen: _ChosenRows,
                columns: dict[str, np.ndarray], provenance: dict[str, Any], missing: int,
-               progress: bool) -> list[str]:
+               progress: bool) -> tuple[list[str], tuple[int, int, int]]:
         """Stream the images of ``jobs`` into the prepared file, read in worker processes for
-        long lists; return the errors of the images that could not be read (skipped)."""
+        long lists; return the errors of the images that could not be read (skipped), and how
+        many were written, saturated and sky-grey (:func:`~.images.stretch_looks`)."""
         workers = self.workers if self.workers is not None else (
             min(os.cpu_count() or 1, 8) if len(jobs) >= 256 else 0)
         unreadable: list[str] = []
         written: list[np.ndarray] = []
+        looks = np.zeros(2, dtype=np.int64)
         with PreparedWriter(target, len(jobs), reader.spec, provenance, tuple(columns),
                             at_most=True) as writer, \
                 console.progress(total=len(jobs), unit="img", desc=f"preparing {target.name}",
@@ -533,9 +541,11 @@ class CatalogSource:
             for block in self._readable(read_images(reader, jobs, workers), bar, unreadable):
                 index = np.array([i for i, _ in block])
                 labels = chosen.labels[chosen.rows[index]]
-                writer.write(np.stack([img for _, img in block]), labels,
-                             **{k: v[index] for k, v in columns.items()})
+                images = np.stack([img for _, img in block])
+                writer.write(images, labels, **{k: v[index] for k, v in columns.items()})
                 written.append(labels)
+                if reader.spec.stretch is not None:  # FITS: how the stretch came out
+                    looks += stretch_looks(images)
             counts = np.bincount(np.concatenate(written) if written else np.zeros(0, np.int64),
                                  minlength=len(chosen.names))
             few = [f"{n} ({c})" for n, c in zip(chosen.names, counts) if c < self.min_per_class]
@@ -547,7 +557,7 @@ class CatalogSource:
                                     "missing_files": missing, "unreadable": len(unreadable),
                                     "per_class": dict(zip(chosen.names, counts.tolist()))}
             writer.provenance = provenance
-        return unreadable
+        return unreadable, (int(counts.sum()), int(looks[0]), int(looks[1]))
 
     def _readable(self, results: Iterable[tuple[int, np.ndarray | GalaxyError]], bar: Any,
                   unreadable: list[str], size: int = 256) -> Iterator[list[tuple[int, np.ndarray]]]:

@@ -6,8 +6,9 @@
   read with astropy from a chosen HDU. NaN pixels (masked or off the survey footprint) are filled
   by a policy; an image with no finite pixel is unreadable. The fluxes become uint8 the way
   astronomers display them (:func:`stretch_to_uint8`): a linear, square-root, log or asinh
-  stretch between limits from a percentile interval, zscale, the min/max, or fixed values, using
-  ``astropy.visualization``. The parameters are a plain dict, recorded in the input spec with the
+  stretch between limits from the sky and the source (:class:`SkyInterval`, the default), a
+  percentile interval, zscale, the min/max, or fixed values, using ``astropy.visualization``
+  and ``astropy.stats``. The parameters are a plain dict, recorded in the input spec with the
   HDU and the NaN policy, so that prediction reads and stretches new images exactly as the
   training images were (:meth:`ImageReader.for_spec`).
 """
@@ -29,17 +30,36 @@ from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fz")
 STRETCHES = ("linear", "sqrt", "log", "asinh")
-INTERVALS = ("percentile", "zscale", "minmax", "manual")
+INTERVALS = ("sky", "percentile", "zscale", "minmax", "manual")
 NAN_POLICIES = ("median", "zero", "error")
 #: Pillow modes of 16-bit grayscale PNGs (older Pillow opens them as 32-bit "I").
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-#: The default stretch of FITS fluxes: asinh over the central 99.5% of the pixel values of each
-#: image and band (astropy's ``PercentileInterval(99.5)``: between the 0.25th and the 99.75th
-#: percentile), which shows faint outer structure and keeps bright cores from saturating.
+#: The default stretch of FITS fluxes: asinh from the sky level to the source's bright end
+#: (:class:`SkyInterval`), per image and band. Survey cutouts are mostly sky: a percentile of all
+#: pixels puts the upper limit inside the sky noise whenever the source covers few pixels, so the
+#: noise fills the grey range and the source saturates. Limits from the sky's own statistics keep
+#: the sky black and the source unsaturated however much of the cutout it covers.
 #: ``a`` is astropy's parameter of the stretch (null: astropy's default, 0.1 for asinh, 1000 for
-#: log); ``vmin``/``vmax`` are fixed limits (one value, or one per band).
-DEFAULT_STRETCH: dict[str, Any] = {"kind": "asinh", "a": None, "interval": "percentile",
+#: log); ``percentile`` is the source pixels' percentile at the top (``sky``) or the central
+#: percentage of all pixels (``percentile``); ``vmin``/``vmax`` are fixed limits (one value, or
+#: one per band).
+DEFAULT_STRETCH: dict[str, Any] = {"kind": "asinh", "a": None, "interval": "sky",
                                    "percentile": 99.5, "per_image": True, "vmin": None, "vmax": None}
+#: The default before the sky interval: a stretch recorded in an input spec lacks only keys that
+#: did not exist when it was written, so it is completed with the defaults of that time (the
+#: interval was a percentile of all pixels), and an old model stretches new images as it was
+#: trained (:meth:`ImageReader.for_spec`).
+RECORDED_STRETCH_DEFAULTS: dict[str, Any] = {**DEFAULT_STRETCH, "interval": "percentile"}
+#: The sky interval's rules (:class:`SkyInterval`), in units of the sky noise (sigma):
+#: sigma clipping of the sky statistics; source pixels lie above sky + SOURCE_SIGMA; the upper
+#: limit is never below sky + FLOOR_SIGMA, so a cutout of pure noise shows the noise as dim
+#: speckle rather than stretched over the whole grey range.
+SKY_CLIP_SIGMA = 3.0
+SOURCE_SIGMA = 3.0
+FLOOR_SIGMA = 10.0
+#: Fewer source pixels than this: the upper limit is their maximum (a percentile of a handful of
+#: pixels is the maximum anyway, up to interpolation).
+MIN_SOURCE_PIXELS = 10
 
 
 def is_fits(path: str | Path) -> bool:
@@ -66,6 +86,37 @@ def check_stretch(stretch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class SkyInterval:
+    """Limits from the sky and the source, as astronomers set a display by hand: the lower limit
+    at the sky level, the upper one at the ``percentile``-th percentile of the source's pixels.
+
+    The sky level and noise are the sigma-clipped median and standard deviation of the pixels
+    (``astropy.stats.sigma_clipped_stats``), which the source hardly moves even when it covers
+    most of the cutout. The lower limit is the sky itself, not below it (Lupton et al. 2004 set
+    the sky to black too): the sky maps to black whatever the source, and the half of the noise
+    above it stays visible as faint speckle, so the network still sees how noisy an image is. The
+    source's pixels are those above sky + ``SOURCE_SIGMA`` sigma; their percentile (their maximum
+    when there are fewer than ``MIN_SOURCE_PIXELS``) is the upper limit, never below sky +
+    ``FLOOR_SIGMA`` sigma. Same interface as astropy's intervals (``get_limits``).
+    """
+
+    def __init__(self, percentile: float = 99.5) -> None:
+        self.percentile = float(percentile)
+
+    def get_limits(self, values: np.ndarray) -> tuple[float, float]:
+        # deferred: astropy.stats is slow to import (FITS only)
+        from astropy.stats import sigma_clipped_stats
+
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]
+        _, sky, noise = sigma_clipped_stats(values, sigma=SKY_CLIP_SIGMA)
+        sky, noise = float(sky), float(noise)
+        source = values[values > sky + SOURCE_SIGMA * noise]
+        top = float(np.percentile(source, self.percentile)) if len(source) >= MIN_SOURCE_PIXELS \
+            else float(values.max())
+        return sky, max(top, sky + FLOOR_SIGMA * noise)
+
+
 def _stretch_object(params: Mapping[str, Any]) -> Any:
     # deferred: astropy.visualization takes about a third of a second to import (FITS only)
     from astropy.visualization import AsinhStretch, LinearStretch, LogStretch, SqrtStretch
@@ -85,6 +136,8 @@ def _interval(params: Mapping[str, Any]) -> Any:
     from astropy.visualization import MinMaxInterval, PercentileInterval, ZScaleInterval
 
     name = params["interval"]
+    if name == "sky":
+        return SkyInterval(float(params["percentile"]))
     if name == "zscale":
         return ZScaleInterval()
     if name == "minmax":
@@ -129,6 +182,51 @@ def stretch_to_uint8(flux: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         scaled = np.ma.getdata(norm(flux[..., c].astype(np.float64)))
         out[..., c] = np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
     return out
+
+
+def describe_stretch(params: Mapping[str, Any]) -> str:
+    """A short line saying how FITS fluxes became pixels, e.g. for a figure's title."""
+    interval = params.get("interval", "percentile")
+    what = f"{interval} interval"
+    if interval in ("sky", "percentile"):
+        what += f" ({params.get('percentile', 99.5):g})"
+    a = f" a={params['a']:g}" if params.get("a") is not None else ""
+    fixed = not params.get("per_image", True) or interval == "manual"
+    return f"FITS stretch: {params.get('kind', 'asinh')}{a}, {what}, " \
+           f"{'fixed limits' if fixed else 'per image'}"
+
+
+#: When stretched FITS images look wrong (:func:`stretch_warning`): an image is saturated when more
+#: than SATURATED_PIXELS of its pixels are 255, sky-grey when its median pixel is above GREY_MEDIAN
+#: (a cutout is mostly sky, which should be near black); the preparation warns when more than
+#: BAD_IMAGES of the images are either.
+SATURATED_PIXELS = 0.05
+GREY_MEDIAN = 80
+BAD_IMAGES = 0.5
+
+
+def stretch_looks(images: np.ndarray) -> tuple[int, int]:
+    """How many of (n, H, W, C) uint8 stretched images are saturated, and how many sky-grey."""
+    flat = images.reshape(len(images), -1)
+    saturated = int(((flat == 255).mean(axis=1) > SATURATED_PIXELS).sum())
+    grey = int((np.median(flat, axis=1) > GREY_MEDIAN).sum())
+    return saturated, grey
+
+
+def stretch_warning(total: int, saturated: int, grey: int) -> str | None:
+    """One line when most stretched images are saturated or sky-grey (the stretch destroys the
+    source or shows the noise as the image), naming the fraction and what to try; else None."""
+    if total == 0:
+        return None
+    found = [f"{n / total:.0%} of the images {what}" for n, what in (
+        (saturated, f"have more than {SATURATED_PIXELS:.0%} of their pixels saturated (255)"),
+        (grey, f"have a median pixel above {GREY_MEDIAN} (grey sky)")) if n > BAD_IMAGES * total]
+    if not found:
+        return None
+    return (f"the FITS stretch looks wrong: {' and '.join(found)}; compare stretches on your "
+            "cutouts with `galaxy-stretch <FITS files or folders>` and set "
+            "data.source.stretch.interval / .kind / .a / .percentile (default: interval=sky, "
+            "kind=asinh)")
 
 
 def fixed_bands(params: Mapping[str, Any]) -> int | None:
@@ -250,10 +348,12 @@ class ImageReader:
     def for_spec(cls, spec: Any, allow_resize: bool = False) -> ImageReader:
         """The reader of new images for a model with input spec ``spec``: its channel count, and
         for FITS the HDU, NaN policy and stretch recorded at preparation (HDU 0 and the median
-        for specs written before they were recorded)."""
+        for specs written before they were recorded; a recorded stretch's missing keys take the
+        defaults of when it was written, :data:`RECORDED_STRETCH_DEFAULTS`)."""
         fits = spec.fits or {}
+        stretch = None if spec.stretch is None else {**RECORDED_STRETCH_DEFAULTS, **spec.stretch}
         return cls(channels=spec.channels, hdu=fits.get("hdu", 0), nan=fits.get("nan", "median"),
-                   stretch=spec.stretch, spec=spec, allow_resize=allow_resize)
+                   stretch=stretch, spec=spec, allow_resize=allow_resize)
 
     def __call__(self, paths: Sequence[Path]) -> np.ndarray:
         """The model-ready image; :class:`DataError` (unreadable, or FITS bands other than the
