@@ -11,8 +11,8 @@ install:  ## install torch 2.13.0 (CPU wheel here) first, then the project (edit
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[dev]"
 
-test:  ## the whole test suite, slow end-to-end tests included (what CI runs)
-	$(PYTHON) -m pytest -m "slow or not slow"
+test:  ## the whole test suite, slow end-to-end tests included (what CI runs); the 25 slowest listed
+	$(PYTHON) -m pytest -m "slow or not slow" --durations=25
 
 test-fast:  ## the fast suite only (the tests not marked slow)
 	$(PYTHON) -m pytest

@@ -211,6 +211,12 @@ def validate_config(cfg: DictConfig) -> None:
     interval = cfg.trainer.get("val_check_interval", None)
     _require(interval is None or (isinstance(interval, (int, float)) and interval > 0),
              f"trainer.val_check_interval={interval} must be positive")
+    # torch accepts a momentum of 1 or more, which never forgets a gradient: the steps grow
+    # without bound and the run ends in NaN
+    momentum = cfg.optimizer.get("momentum")
+    _require(momentum is None or (isinstance(momentum, (int, float)) and 0 <= momentum < 1),
+             f"optimizer.momentum={momentum} must be in [0, 1): at 1 or above every past gradient "
+             "keeps its weight and the steps grow without bound")
     # checked before any data is prepared, with the checks of the code that takes them
     check_label_smoothing(cfg.get("label_smoothing", 0.0))
     with config_key("perf"):

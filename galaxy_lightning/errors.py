@@ -43,6 +43,11 @@ class DataError(GalaxyError):
     inconsistent; the message names the file."""
 
 
+class TrainingDiverged(GalaxyError):
+    """The training loss became NaN or infinite: the run stops at once (nothing after it can be
+    trusted), naming the step, the loss and the settings to change."""
+
+
 class CheckpointError(GalaxyError):
     """A checkpoint is missing, unreadable, or does not fit the model or data it is used with."""
 

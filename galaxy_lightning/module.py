@@ -30,8 +30,10 @@ callback; ``test_step`` returns each batch's probabilities for it (the gallery o
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -48,7 +50,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from galaxy_lightning.config import check_label_smoothing, construct
 from galaxy_lightning.data.augment import dihedral_views
-from galaxy_lightning.errors import ConfigError
+from galaxy_lightning.errors import ConfigError, TrainingDiverged
 from galaxy_lightning.input_spec import InputSpec, Preprocess
 
 #: Confidence bins of the calibration error and the reliability diagram (equal widths on [0, 1]).
@@ -57,6 +59,14 @@ CALIBRATION_BINS = 15
 CHECKPOINT_FORMAT = 2
 #: Evaluation results that are not scalars: drawn by the figure callback, not logged as numbers.
 SUMMARIES = ("confusion_matrix", "reliability")
+#: A finite training loss above this multiple of a uniform guess's (ln K for K classes) is
+#: flagged as exploding: no model that is learning is that confidently wrong.
+EXPLODING_LOSS = 100.0
+#: On an accelerator the loss is read back (a host sync) every this many steps and before every
+#: validation, so that no checkpoint is written from diverged weights; on a CPU every step (free).
+LOSS_CHECK_EVERY = 25
+
+log = logging.getLogger(__name__)
 
 
 def metric_slug(name: str) -> str:
@@ -163,6 +173,11 @@ class GalaxyClassifier(L.LightningModule):
         self.register_buffer("temperature", torch.ones(()))
         self.tta = False
         self.calibrated = False
+        #: The highest training loss of this process's fit, and the first step at which it
+        #: exploded (None: never), for metrics.json; the worst loss since the last check.
+        self.loss_peak: float | None = None
+        self.exploding_at_step: int | None = None
+        self._worst_loss: torch.Tensor | None = None
         #: The checkpoint whose weights the module holds, set by whoever loads them (the run's
         #: test, evaluation); ``metrics.json`` names it. None: weights of this process's fit.
         self.weights_from: str | None = None
@@ -250,6 +265,46 @@ class GalaxyClassifier(L.LightningModule):
         self.train_acc.update(logits.detach().argmax(1), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    # -- divergence: a NaN stops the run at once, an exploding loss is flagged ----------------------
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
+        # the worst loss since the last check, kept on the device (torch.maximum keeps a NaN)
+        self._worst_loss = loss if self._worst_loss is None else torch.maximum(self._worst_loss, loss)
+        if loss.device.type == "cpu" or self.trainer.global_step % LOSS_CHECK_EVERY == 0:
+            self._check_loss()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.training or self.trainer.state.fn == "fit":
+            self._check_loss()
+
+    def _check_loss(self) -> None:
+        """Raise :class:`TrainingDiverged` for a non-finite loss since the last check; record the
+        peak loss and the first step where it exploded (``metrics.json``, a warning line)."""
+        if self._worst_loss is None:
+            return
+        loss, self._worst_loss = float(self._worst_loss), None
+        step = self.trainer.global_step
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training diverged: the loss became {loss} by step {step}, and "
+                                   f"the run stopped; {self._divergence_fix()}")
+        self.loss_peak = loss if self.loss_peak is None else max(self.loss_peak, loss)
+        guess = math.log(self.spec.num_classes)
+        if loss > EXPLODING_LOSS * guess and self.exploding_at_step is None:
+            self.exploding_at_step = step
+            log.warning("the training loss is exploding: %.3g at step %d, against %.3g for a "
+                        "uniform guess; %s", loss, step, guess, self._divergence_fix())
+
+    def _divergence_fix(self) -> str:
+        """What to change, and which checkpoint holds weights from before the divergence."""
+        optimizer = self.hparams.optimizer
+        fix = f"start again with a lower optimizer.lr (now {optimizer.get('lr')})"
+        if optimizer.get("momentum"):
+            fix += f" or optimizer.momentum (now {optimizer['momentum']})"
+        saved = [Path(c.dirpath) / "last.ckpt" for c in self.trainer.checkpoint_callbacks
+                 if getattr(c, "dirpath", None)]  # last.ckpt: rewritten at every validation
+        saved = [p for p in saved if p.is_file()]
+        return fix + (f"; the last checkpoint, written before it: {saved[0]}" if saved else "")
 
     def _evaluate(self, stage: str, batch: tuple[torch.Tensor, ...], tta: bool) -> torch.Tensor:
         images, labels = batch[0], batch[1]

@@ -1,5 +1,6 @@
 """Fault injection for the resume tests: a callback that kills its own process with SIGKILL at
-a chosen moment, as a crash, the kernel's OOM killer or a lost node would.
+a chosen moment, as a crash, the kernel's OOM killer or a lost node would; one that makes a run
+diverge at a chosen step.
 
 Added to a run from the command line:
 ``+callbacks.fault._target_=tests.faults.KillAt +callbacks.fault.moment=save +callbacks.fault.step=10``
@@ -53,3 +54,17 @@ class KillAt(L.Callback):
         if self.moment == "validate" and trainer.global_step == self.step and \
                 not trainer.sanity_checking:
             _die()
+
+
+class NanAt(L.Callback):
+    """Turns every weight into NaN after training step ``step``: a run that diverges at a known
+    moment, after its first checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    parameter.fill_(float("nan"))

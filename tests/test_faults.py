@@ -439,3 +439,33 @@ def test_runs_print_no_third_party_banners(tmp_path: Path) -> None:
     out = result.stdout + result.stderr
     assert "Tip:" not in out and "LeafSpec" not in out and "does not have many workers" not in out
     assert "test accuracy" in out  # what matters is still there
+
+
+def test_a_diverging_run_stops_at_once_in_one_line_and_keeps_its_last_good_checkpoint(
+        tmp_path: Path) -> None:
+    # NaN weights after step 12: the step-13 loss is NaN; last.ckpt (step 10) was written before
+    result = cli("logger=none", "+callbacks.fault._target_=tests.faults.NanAt",
+                 "+callbacks.fault.step=12", tmp_path=tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    line = one_line(result, "training diverged: the loss became nan by step 13",
+                    "lower optimizer.lr (now 0.001)", f"the last checkpoint, written before it: {last}")
+    assert "momentum" not in line  # Adam has none to lower
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing after a NaN is reported
+
+
+def test_an_exploding_loss_is_flagged_and_an_untrainable_momentum_refused(tmp_path: Path,
+                                                                          tiny_run: tuple) -> None:
+    exploding = cli("logger=none", "optimizer.lr=1e6", tmp_path=tmp_path / "a")
+    assert exploding.returncode == 0, exploding.stderr[-2000:]  # finite: it runs to its end
+    warning = next(l for l in exploding.stdout.splitlines() if "the training loss is exploding" in l)
+    assert "lower optimizer.lr (now 1000000.0)" in warning
+    metrics = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
+    assert metrics["train/exploding_at_step"] >= 1 and metrics["train/loss_peak"] > 100 * np.log(7)
+    normal = tiny_run[1]  # the session's tiny run, at the default rate: not flagged
+    assert normal["train/exploding_at_step"] is None and normal["train/loss_peak"] < np.log(7) + 1
+    one_line(cli("optimizer=sgd", "optimizer.momentum=2", tmp_path=tmp_path / "b"),
+             "optimizer.momentum=2 must be in [0, 1)")
+    assert not (tmp_path / "b" / "data").exists()  # refused before any data is touched

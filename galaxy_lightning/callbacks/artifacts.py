@@ -204,6 +204,10 @@ class RunArtifacts(L.Callback):
             # stability: the largest fall of val/acc between consecutive checks after warm-up
             "val/acc_largest_drop": largest_drop(h["val_step"], h["val_acc"], self.warmup_steps),
             "warmup_steps": self.warmup_steps,
+            # divergence: the highest training loss of this process's fit, and the first step at
+            # which it exploded (far above a uniform guess's; None: never)
+            "train/loss_peak": getattr(pl_module, "loss_peak", None),
+            "train/exploding_at_step": getattr(pl_module, "exploding_at_step", None),
             "best_step": self.best_step,
             "global_step": trainer.global_step,
             "class_names": list(pl_module.class_names),
