@@ -3,7 +3,7 @@
 A stretch that saturates the source or turns the sky grey costs accuracy without any error, so
 pick it by eye on your own cutouts: this renders a seeded sample of them in rows, one column per
 stretch (the default, linear min/max, log, asinh with a stronger softening, the previous
-default, zscale), each column labelled with the config keys that select it::
+default, zscale; for three bands also Lupton et al.'s colour composite), each column labelled with the config keys that select it::
 
     galaxy-stretch cutouts/ --n 8 --out stretch_preview.png
     galaxy-stretch --catalog cat.csv --image-root cutouts --image-columns "{objid}_r.fits"
@@ -66,9 +66,14 @@ COLUMNS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def preview_columns() -> list[Column]:
-    """The compared stretches with complete, checked parameters."""
-    return [Column(label, check_stretch(params)) for label, params in COLUMNS]
+#: For three bands, the colour composite of Lupton et al. (2004) as a further column.
+LUPTON_COLUMN: tuple[str, dict[str, Any]] = ("Lupton RGB, Q=3, sky", {"kind": "lupton"})
+
+
+def preview_columns(bands: int = 1) -> list[Column]:
+    """The compared stretches with complete, checked parameters (Lupton's too for 3 bands)."""
+    chosen = COLUMNS + ((LUPTON_COLUMN,) if bands == 3 else ())
+    return [Column(label, check_stretch(params)) for label, params in chosen]
 
 
 def find_fits(inputs: list[str]) -> list[tuple[Path, ...]]:
@@ -129,7 +134,7 @@ def preview(objects: list[tuple[Path, ...]], out: Path, n: int = 8, seed: int = 
     picked = np.sort(np.random.default_rng(seed).choice(len(objects), min(n, len(objects)),
                                                          replace=False))
     fluxes = [(objects[i][0].name, read_flux(objects[i], hdu, nan)) for i in picked]
-    columns = preview_columns()
+    columns = preview_columns(fluxes[0][1].shape[-1])
     rows, cols = len(fluxes), len(columns)
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows + 1.3), squeeze=False)
     for r, (name, flux) in enumerate(fluxes):

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
 import torch
@@ -100,7 +101,10 @@ def test_prediction_reads_fits_exactly_as_training_did(
     run = Path(cfg.paths.output_dir)
     assert (run / "examples.png").is_file()
     ckpt = json.loads((run / "metrics.json").read_text())["checkpoint"]
-    prepared = read_prepared(Path(cfg.paths.data_dir) / "catalog.prepared.h5")
+    source = hydra.utils.instantiate(cfg.data.source)
+    name = source.prepared_path(Path()).name  # a non-default stretch gets its own prepared file
+    assert (name == "catalog.prepared.h5") == (not c["stretch"]), name
+    prepared = read_prepared(Path(cfg.paths.data_dir) / name)
     spec = prepared.info.spec
     assert spec.fits == {"hdu": c["hdu"], "nan": c["nan"]} and spec.channels == c["bands"]
     if c["stretch"]:

@@ -8,6 +8,7 @@ images, the example grid names the stretch, and galaxy-stretch renders the compa
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,12 @@ from galaxy_lightning.data.images import (
     describe_stretch,
     fixed_limits,
     read_flux,
+    stretch_tag,
     stretch_to_uint8,
 )
 from galaxy_lightning.data.prepared import read_prepared
+from galaxy_lightning.data.synthetic import CLASS_NAMES, render, write_survey_files
+from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.plots import image_grid_figure
 from galaxy_lightning.stretch_preview import main as stretch_main
@@ -199,3 +203,73 @@ def test_galaxy_stretch_renders_every_stretch_with_its_keys(tmp_path: Path,
     stretch_main(["--catalog", str(folder / "catalog.csv"), "--image-columns", "{objid}.fits",
                   "--n", "2", "--out", str(tmp_path / "from_catalog.png")])
     assert (tmp_path / "from_catalog.png").is_file()
+
+
+def sample_bands(tmp_path: Path) -> tuple[list[Path], np.ndarray]:
+    """The real sample galaxy's three display channels as one FITS file per band (reddest first,
+    as a survey viewer maps z, r, g to red, green, blue), on a sky level of 100 with noise."""
+    pixels = np.asarray(Image.open(SAMPLE_PNG).convert("RGB"), dtype=np.float64)
+    rng = np.random.default_rng(0)
+    files = []
+    for b in range(3):
+        files.append(tmp_path / f"band{b}.fits")
+        flux = pixels[..., b] + 100.0 + rng.normal(0, 2.0, pixels.shape[:2])
+        fits.PrimaryHDU(flux.astype(np.float32)).writeto(files[-1])
+    return files, pixels
+
+
+def test_lupton_colour_keeps_the_sky_black_and_the_galaxy_coloured(tmp_path: Path) -> None:
+    """Lupton et al. (2004) on the real sample: the sky black, the galaxy unsaturated, and its
+    colour (band ratios) that of the survey's own display; refused for other than 3 bands; the
+    input spec applies it to new files exactly as training did."""
+    files, pixels = sample_bands(tmp_path)
+    lupton = check_stretch({"kind": "lupton"})
+    image = ImageReader.for_spec(InputSpec(class_names=("a", "b"), channels=3, image_size=424,
+                                           stretch=lupton))(files)
+    assert np.array_equal(image, stretch_to_uint8(read_flux(files), lupton))
+    galaxy = pixels.mean(-1) > 60
+    assert np.median(image[~galaxy]) < 30
+    assert np.mean(image[galaxy].max(-1) == 255) < 0.05 and len(np.unique(image[galaxy])) > 100
+    # colour: the channels' ordering of the galaxy's mean brightness is the survey display's
+    shown, made = pixels[galaxy].mean(0), image[galaxy].astype(float).mean(0)
+    assert list(np.argsort(shown)) == list(np.argsort(made)), (shown, made)
+    assert "Q=3" in describe_stretch(lupton)
+    with pytest.raises(ConfigError, match="3 bands; the images have 1") as refused:
+        stretch_to_uint8(read_flux(files[:1]), lupton)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match="stretch.Q"):
+        check_stretch({"kind": "lupton", "Q": 0})
+    assert "Lupton" in preview_columns(bands=3)[-1].label and len(preview_columns(3)) == 7
+
+
+def test_each_stretch_prepares_its_own_file(tmp_path: Path) -> None:
+    """A sweep over stretches never shares or overwrites a prepared file: its name follows the
+    stretch (the default keeps the plain name that earlier runs wrote)."""
+    catalog = write_cutouts(tmp_path / "cutouts", n=2)
+    names = {}
+    for stretch in ({}, {"interval": "zscale"}, {"interval": "zscale", "a": 0.01},
+                    {"kind": "linear", "interval": "zscale"}):
+        source = CatalogSource(str(catalog), ["{objid}.fits"], label_column="label",
+                               stretch=stretch)
+        names[stretch_tag(stretch)] = source.prepared_path(tmp_path).name
+    assert names[""] == "catalog.prepared.h5"
+    assert len(set(names.values())) == 4 and all(n.endswith(".prepared.h5") for n in names.values())
+    assert stretch_tag({"interval": "zscale"}).startswith("asinh-zscale-")
+    assert stretch_tag(dict(DEFAULT_STRETCH)) == ""  # the default spelled out is the default
+
+
+def test_the_simulator_writes_survey_files(tmp_path: Path) -> None:
+    """FITS cubes on a sky level and the 8-bit PNGs of the same fluxes, with a split catalog."""
+    catalog = write_survey_files(tmp_path / "survey", n_per_class=3, image_size=32, seed=1)
+    table = Table.read(catalog)
+    assert len(table) == 21 and set(table["split"]) == {"train", "val", "test"}
+    assert sorted(Counter(table["label"]).values()) == [3] * 7
+    first = table[0]
+    cube = fits.getdata(tmp_path / "survey" / "fits" / f"{first['objid']}.fits")
+    assert cube.shape == (3, 32, 32) and cube.dtype.byteorder in (">", "=", "<")
+    assert 100 < np.median(cube) < 1000  # the sky level the stretch has to find
+    png = np.asarray(Image.open(tmp_path / "survey" / "png" / f"{first['objid']}.png"))
+    index, label = int(first["objid"][3:]), CLASS_NAMES.index(first["label"])
+    assert np.array_equal(png, render(label, 1, index, 32))
+    assert np.array_equal(cube - np.median(cube, axis=(1, 2), keepdims=True) != 0,
+                          cube != np.median(cube, axis=(1, 2), keepdims=True))

@@ -42,6 +42,7 @@ from galaxy_lightning.data.images import (
     read_flux,
     read_images,
     stretch_looks,
+    stretch_tag,
     stretch_warning,
 )
 from galaxy_lightning.data.prepared import PreparedWriter, announce, prepare_once
@@ -326,7 +327,13 @@ class CatalogSource:
         return path if path.is_absolute() else data_dir / path
 
     def prepared_path(self, data_dir: Path) -> Path:
-        return Path(data_dir) / (self.prepared_name or f"{Path(self.catalog).stem}.prepared.h5")
+        """``<catalog stem>.prepared.h5``, or ``<stem>.<stretch tag>.prepared.h5`` for a stretch
+        other than the default (:func:`stretch_tag`): runs of a sweep over stretches never share
+        or overwrite one prepared file."""
+        if self.prepared_name:
+            return Path(data_dir) / self.prepared_name
+        tag = stretch_tag(self.stretch)
+        return Path(data_dir) / f"{Path(self.catalog).stem}{'.' + tag if tag else ''}.prepared.h5"
 
     def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
         """Return the prepared file, building it first if it is missing or stale (the catalog

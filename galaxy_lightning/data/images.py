@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import multiprocessing
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +32,7 @@ from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fz")
-STRETCHES = ("linear", "sqrt", "log", "asinh")
+STRETCHES = ("linear", "sqrt", "log", "asinh", "lupton")
 INTERVALS = ("sky", "percentile", "zscale", "minmax", "manual")
 NAN_POLICIES = ("median", "zero", "error")
 #: Pillow modes of 16-bit grayscale PNGs (older Pillow opens them as 32-bit "I").
@@ -42,9 +45,11 @@ SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 #: ``a`` is astropy's parameter of the stretch (null: astropy's default, 0.1 for asinh, 1000 for
 #: log); ``percentile`` is the source pixels' percentile at the top (``sky``) or the central
 #: percentage of all pixels (``percentile``); ``vmin``/``vmax`` are fixed limits (one value, or
-#: one per band).
+#: one per band). ``kind: lupton`` is the colour composite of Lupton et al. (2004) for three
+#: bands (:func:`lupton_to_uint8`), ``Q`` its softening.
 DEFAULT_STRETCH: dict[str, Any] = {"kind": "asinh", "a": None, "interval": "sky",
-                                   "percentile": 99.5, "per_image": True, "vmin": None, "vmax": None}
+                                   "percentile": 99.5, "per_image": True, "vmin": None, "vmax": None,
+                                   "Q": 3.0}
 #: The default before the sky interval: a stretch recorded in an input spec lacks only keys that
 #: did not exist when it was written, so it is completed with the defaults of that time (the
 #: interval was a percentile of all pixels), and an old model stretches new images as it was
@@ -80,6 +85,9 @@ def check_stretch(stretch: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"stretch.a={out['a']} must be positive (or null for astropy's default)")
     if not 50 < float(out["percentile"]) <= 100:
         raise ConfigError(f"stretch.percentile={out['percentile']} must be in (50, 100]")
+    if not float(out["Q"]) > 0:
+        raise ConfigError(f"stretch.Q={out['Q']} must be positive (how strongly Lupton's "
+                          "stretch lifts the faint end; 3 by default)")
     if out["interval"] == "manual" and (out["vmin"] is None or out["vmax"] is None):
         raise ConfigError("stretch.interval=manual needs stretch.vmin and stretch.vmax (one number, "
                           "or one per band)")
@@ -161,17 +169,10 @@ def stretch_to_uint8(flux: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     # deferred: astropy.visualization takes about a third of a second to import (FITS only)
     from astropy.visualization import ImageNormalize
 
+    vmin, vmax = _limits(flux, params)
+    if params["kind"] == "lupton":
+        return lupton_to_uint8(flux, vmin, vmax, float(params.get("Q", 3.0)))
     stretch = _stretch_object(params)
-    if params.get("per_image", True) and params["interval"] != "manual":
-        vmin, vmax = band_limits(flux, params)
-    else:
-        bands = flux.shape[-1]
-        given = fixed_bands(params)
-        if given not in (None, bands):
-            raise ConfigError(f"stretch.vmin/vmax have {given} values for {bands} band(s); give "
-                              "one value, or one per band")
-        vmin = np.broadcast_to(np.asarray(params["vmin"], dtype=np.float64), (bands,))
-        vmax = np.broadcast_to(np.asarray(params["vmax"], dtype=np.float64), (bands,))
     out = np.empty(flux.shape, dtype=np.uint8)
     for c in range(flux.shape[-1]):
         lo, hi = float(vmin[c]), float(vmax[c])
@@ -184,6 +185,57 @@ def stretch_to_uint8(flux: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     return out
 
 
+def _limits(flux: np.ndarray, params: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band (vmin, vmax): from the image itself (``per_image``) or the fixed ones."""
+    if params.get("per_image", True) and params["interval"] != "manual":
+        return band_limits(flux, params)
+    bands = flux.shape[-1]
+    given = fixed_bands(params)
+    if given not in (None, bands):
+        raise ConfigError(f"stretch.vmin/vmax have {given} values for {bands} band(s); give "
+                          "one value, or one per band")
+    return (np.broadcast_to(np.asarray(params["vmin"], dtype=np.float64), (bands,)),
+            np.broadcast_to(np.asarray(params["vmax"], dtype=np.float64), (bands,)))
+
+
+def lupton_to_uint8(flux: np.ndarray, vmin: np.ndarray, vmax: np.ndarray,
+                    Q: float) -> np.ndarray:  # noqa: N803 (Lupton's name)
+    """(H, W, 3) fluxes -> (H, W, 3) uint8 by the colour composite of Lupton et al. (2004)
+    (astropy's ``make_lupton_rgb``): one asinh stretch of the bands' mean intensity, applied to
+    the three bands together, so that a pixel keeps its colour (its band ratios) however bright it
+    is and the saturated core of a galaxy stays coloured rather than white. Each band's black point
+    is its lower limit (the sky, by default); astropy's linear ``stretch`` is chosen so that the
+    intensity ``mean(vmax - vmin)`` maps to white, as the per-band stretches map vmax to 255, and
+    ``Q`` sets how strongly the faint end is lifted (3 is close to asinh with a=0.1; larger shows
+    fainter structure and saturates more of the core). The channels keep the order of the bands;
+    list the reddest first (z, r, g) for a picture in natural colours."""
+    from astropy.visualization import LuptonAsinhStretch, ManualInterval, make_lupton_rgb
+
+    if flux.shape[-1] != 3:
+        raise ConfigError(f"stretch.kind=lupton makes a colour image from 3 bands; the images have "
+                          f"{flux.shape[-1]} (give three image columns, or another stretch.kind)")
+    span = float(np.mean(np.asarray(vmax, dtype=np.float64) - np.asarray(vmin, dtype=np.float64)))
+    if not span > 0:
+        return np.zeros(flux.shape, dtype=np.uint8)
+    # astropy: y = asinh(Q x / stretch) * 0.1 / asinh(0.1 Q); y(span) = 1 fixes stretch
+    linear = Q * span / math.sinh(math.asinh(0.1 * Q) / 0.1)
+    intervals = [ManualInterval(vmin=float(v), vmax=None) for v in vmin]
+    bands = [flux[..., c].astype(np.float64) for c in range(3)]
+    with np.errstate(invalid="ignore", divide="ignore"):  # astropy's 0/0 where the sky is 0
+        return make_lupton_rgb(*bands, interval=intervals,
+                               stretch_object=LuptonAsinhStretch(stretch=linear, Q=Q))
+
+
+def stretch_tag(params: Mapping[str, Any]) -> str:
+    """A short name for a stretch in file names: '' for the default, else its kind and interval
+    and a hash of every parameter (``asinh-zscale-1a2b3c4d``)."""
+    params = check_stretch(params)
+    if params == check_stretch({}):
+        return ""
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{params['kind']}-{params['interval']}-{digest}"
+
+
 def describe_stretch(params: Mapping[str, Any]) -> str:
     """A short line saying how FITS fluxes became pixels, e.g. for a figure's title."""
     interval = params.get("interval", "percentile")
@@ -191,6 +243,8 @@ def describe_stretch(params: Mapping[str, Any]) -> str:
     if interval in ("sky", "percentile"):
         what += f" ({params.get('percentile', 99.5):g})"
     a = f" a={params['a']:g}" if params.get("a") is not None else ""
+    if params.get("kind") == "lupton":
+        a = f" Q={params.get('Q', 3.0):g}"
     fixed = not params.get("per_image", True) or interval == "manual"
     return f"FITS stretch: {params.get('kind', 'asinh')}{a}, {what}, " \
            f"{'fixed limits' if fixed else 'per image'}"

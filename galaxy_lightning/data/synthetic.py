@@ -220,6 +220,22 @@ def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 def render(label: int, seed: int, index: int, size: int = 96) -> np.ndarray:
     """Simulate one galaxy of class ``label`` as a uint8 (size, size, 3) RGB image."""
+    flux, sky_sigma, rng = render_flux(label, seed, index, size)
+    # Lupton asinh stretch preserving colour, scaled to the sky noise.
+    softening = sky_sigma * rng.uniform(2.0, 4.0)
+    intensity = flux.mean(0)
+    stretch = np.arcsinh(np.clip(intensity, 1e-3, None) / softening) / np.clip(intensity, 1e-3, None)
+    top = math.asinh(rng.uniform(30.0, 60.0))
+    rgb = flux * stretch[None] / top
+    rgb = np.clip(rgb, 0.0, 1.0)
+    return (rgb.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def render_flux(label: int, seed: int, index: int,
+                size: int = 96) -> tuple[np.ndarray, float, np.random.Generator]:
+    """The fluxes :func:`render` stretches: (3, size, size) float32 in bands z, r, g, sky
+    subtracted, with sky and photon noise; the sky noise sigma; the image's generator (its next
+    draws are the stretch's)."""
     rng = np.random.default_rng([seed, index])
     cv = _Canvas(size, rng)
     _draw_class(cv, label)
@@ -238,14 +254,42 @@ def render(label: int, seed: int, index: int, size: int = 96) -> np.ndarray:
     sky_sigma = rng.uniform(4.0, 9.0)
     noise = rng.normal(0.0, 1.0, flux.shape).astype(np.float32)
     flux = flux + noise * np.sqrt(sky_sigma**2 + np.clip(flux, 0, None))
-    # Lupton asinh stretch preserving colour, scaled to the sky noise.
-    softening = sky_sigma * rng.uniform(2.0, 4.0)
-    intensity = flux.mean(0)
-    stretch = np.arcsinh(np.clip(intensity, 1e-3, None) / softening) / np.clip(intensity, 1e-3, None)
-    top = math.asinh(rng.uniform(30.0, 60.0))
-    rgb = flux * stretch[None] / top
-    rgb = np.clip(rgb, 0.0, 1.0)
-    return (rgb.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+    return flux, float(sky_sigma), rng
+
+
+SPLITS = ("train", "val", "test")
+
+
+def write_survey_files(folder: str | Path, n_per_class: int, image_size: int = 96, seed: int = 0,
+                       splits: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Path:
+    """The simulated galaxies as a survey would deliver them, for comparing FITS stretches with
+    the 8-bit images on the same sources: per galaxy a FITS cube of its fluxes (bands z, r, g,
+    float32, on a sky level of 100-1000 counts that the stretch has to find) and the 8-bit PNG
+    that :func:`render` makes of the same fluxes, plus ``catalog.csv`` (objid, label, split).
+    Returns the catalog's path."""
+    # deferred: astropy.io.fits is slow to import and only needed here
+    from astropy.io import fits
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "fits").mkdir(parents=True, exist_ok=True)
+    (folder / "png").mkdir(parents=True, exist_ok=True)
+    total = n_per_class * len(CLASS_NAMES)
+    order = np.random.default_rng([seed, total]).permutation(total)
+    bounds = np.cumsum(np.asarray(splits) / sum(splits)) * total
+    lines = ["objid,label,split"]
+    for rank, i in enumerate(order):
+        label = int(i % len(CLASS_NAMES))
+        flux, _, _ = render_flux(label, seed, int(i), image_size)
+        sky = np.random.default_rng([seed, int(i), 1]).uniform(100.0, 1000.0, (3, 1, 1))
+        name = f"obj{int(i):06d}"
+        fits.PrimaryHDU((flux + sky).astype(np.float32)).writeto(folder / "fits" / f"{name}.fits",
+                                                                 overwrite=True)
+        Image.fromarray(render(label, seed, int(i), image_size)).save(folder / "png" / f"{name}.png")
+        split = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+        lines.append(f"{name},{CLASS_NAMES[label]},{split}")
+    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
+    return folder / "catalog.csv"
 
 
 def simulate(n_per_class: int, image_size: int = 96, seed: int = 0,
@@ -305,7 +349,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--survey-files", metavar="FOLDER",
+                        help="instead of a picture: write --per-class galaxies per class as FITS "
+                             "cubes (fits/), as 8-bit PNGs (png/) and catalog.csv into FOLDER")
     args = parser.parse_args(argv)
+    if args.survey_files:
+        catalog = write_survey_files(args.survey_files, args.per_class, args.size, args.seed)
+        print(f"wrote {catalog} and {args.per_class * len(CLASS_NAMES)} galaxies as FITS and PNG")
+        return
     t0 = time.perf_counter()
     images, labels = simulate(args.per_class, args.size, args.seed)
     elapsed = time.perf_counter() - t0
