@@ -7,14 +7,17 @@ images, the example grid names the stretch, and galaxy-stretch renders the compa
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from omegaconf import DictConfig
 from PIL import Image
 
 from galaxy_lightning.data.catalog import CatalogSource
@@ -273,3 +276,37 @@ def test_the_simulator_writes_survey_files(tmp_path: Path) -> None:
     assert np.array_equal(png, render(label, 1, index, 32))
     assert np.array_equal(cube - np.median(cube, axis=(1, 2), keepdims=True) != 0,
                           cube != np.median(cube, axis=(1, 2), keepdims=True))
+
+
+@pytest.mark.slow
+def test_a_run_on_fits_is_no_worse_than_on_the_8bit_images_of_the_same_sources(
+        tmp_path: Path, make_cfg: Callable[..., DictConfig]) -> None:
+    """The simulated galaxies as FITS cubes (their fluxes on a sky level) and as the 8-bit PNGs
+    the simulator makes of the same fluxes, trained with the same recipe and seed: the default
+    stretch loses nothing against the 8-bit display (the survey set of the issue lost 9.5 points
+    with the previous default). The README's table is the 3-seed version of this at 64 px."""
+    from galaxy_lightning.train import train  # deferred: heavy import
+
+    catalog = write_survey_files(tmp_path / "survey", n_per_class=70, image_size=32, seed=3,
+                                 splits=(0.6, 0.1, 0.3))
+    scores, prepared = {}, {}
+    for name, column in (("png", "png/{objid}.png"), ("fits", "fits/{objid}.fits")):
+        cfg = make_cfg("data=catalog", f"data.source.catalog={catalog}",
+                       f"data.source.image_columns=['{column}']", "data.source.label_column=label",
+                       "data.source.split_column=split", "data.source.id_column=objid",
+                       f"data.source.prepared_name=survey_{name}.h5", "data.batch_size=32", "data.augment=[dihedral]", "model=bn_cnn", "optimizer=adamw",
+                       "optimizer.lr=0.003", "trainer.max_steps=600", "trainer.val_check_interval=150",
+                       "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
+                       "callbacks.progress_bar.every_n_steps=1000", "logger=none", "seed=0",
+                       run=name, tiny=False)
+        train(cfg)
+        metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+        scores[name] = metrics["test/acc"]
+        prepared[name] = read_prepared(Path(cfg.paths.data_dir) / f"survey_{name}.h5")
+    fits_images = np.asarray(prepared["fits"].images[:64])
+    assert np.median(fits_images) < 40  # the default's sky: near black, as the PNGs' is
+    assert np.mean(fits_images == 255) < 0.01
+    test_size = 0.3 * 7 * 70
+    se = float(np.sqrt(scores["png"] * (1 - scores["png"]) / test_size))
+    assert scores["png"] > 0.5, scores  # the recipe learns the classes at all
+    assert scores["fits"] >= scores["png"] - 2 * se, (scores, se)
