@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install test test-fast quickstart preview tensorboard bench bench-models clean
+.PHONY: help install install-browser test test-fast quickstart preview tensorboard bench bench-models clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -10,6 +10,9 @@ help:  ## list the targets
 install:  ## install torch 2.13.0 (CPU wheel here) first, then the project (editable) with test tools
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[dev]"
+
+install-browser:  ## Debian's chromium for the report and serving-page tests (root, or sudo; once per machine)
+	command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; }
 
 test:  ## the whole test suite, slow end-to-end tests included (what CI runs); the 25 slowest listed
 	$(PYTHON) -m pytest -m "slow or not slow" --durations=25

@@ -41,6 +41,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from galaxy_lightning import perf
 from galaxy_lightning.config import CONFIG_PACKAGE
 from galaxy_lightning.data.galaxy10 import DECALS_COUNTS
 
@@ -250,15 +251,7 @@ def write_fullsize_decals(path: Path, synthetic: Path, duplicates: int = 59, see
 
 # -- the driver --------------------------------------------------------------------------------------
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {version('torch')}, "
+    return (f"{perf.cpu_name()}, {os.cpu_count()} cores, torch {version('torch')}, "
             f"Python {platform.python_version()}")
 
 

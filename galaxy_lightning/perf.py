@@ -20,7 +20,10 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import platform
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,6 +82,36 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bfloat16 (AVX512-BF16 or AMX on x86; torch's own probes)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_environment() -> dict[str, Any]:
+    """What a run ran on, for its report: a timing or a result means little without the machine
+    (bfloat16 is native on some CPUs and ~10x slower on others) and the versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "gpu": gpu, "gpus": torch.cuda.device_count() if gpu else 0,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "lightning": installed("lightning"),
+            "galaxy_lightning": installed("galaxy_lightning")}
 
 
 def _cuda_has_native_bf16() -> bool:

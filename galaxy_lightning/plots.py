@@ -7,6 +7,8 @@ decide where a figure goes (PNG file, TensorBoard).
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def accuracy_curve_figure(train_steps: Sequence[int], train_acc: Sequence[float],
@@ -129,7 +132,7 @@ def display_bands(channels: int) -> tuple[tuple[int, ...], str | None]:
                    "green, blue")
 
 
-def _cell(image: np.ndarray, display: Mapping[str, Any] | None) -> np.ndarray:
+def display_cell(image: np.ndarray, display: Mapping[str, Any] | None) -> np.ndarray:
     """One image as the RGB uint8 a figure shows (grey as stored, not rescaled per image)."""
     bands, _ = display_bands(image.shape[-1])
     img = display_image(image[..., list(bands)], display)
@@ -177,7 +180,7 @@ def image_grid_figure(images: np.ndarray, labels: np.ndarray, class_names: Seque
     channels, see :func:`display_bands`); ``title`` (optional) says how the pixels were made,
     e.g. the FITS stretch, so a badly stretched grid names its cause."""
     images, labels = np.asarray(images), np.asarray(labels)
-    cells = [[_cell(images[i], display) for i in np.flatnonzero(labels == c)[:per_class]]
+    cells = [[display_cell(images[i], display) for i in np.flatnonzero(labels == c)[:per_class]]
              for c in range(len(class_names))]
     fig, ax, _, pitch_y = _mosaic_figure(cells, images.shape[1:3], (1.2, 1.25),
                                          _label_inches(class_names))
@@ -201,7 +204,7 @@ def mistakes_figure(images: np.ndarray, true: Sequence[int], predicted: Sequence
     images = np.asarray(images)
     rows = sorted(set(true))
     members = [[i for i, t in enumerate(true) if t == label][:per_class] for label in rows]
-    cells = [[_cell(images[i], display) for i in row] for row in members] or [[]]
+    cells = [[display_cell(images[i], display) for i in row] for row in members] or [[]]
     fig, ax, pitch_x, pitch_y = _mosaic_figure(
         cells, images.shape[1:3], (1.5, 1.75), _label_inches([f"true: {class_names[r]}" for r in rows]))
     top = pitch_y - images.shape[1]
@@ -226,3 +229,10 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     rgba = np.asarray(fig.canvas.buffer_rgba())
     plt.close(fig)
     return rgba[..., :3].copy()
+
+
+def png_data_uri(image: np.ndarray) -> str:
+    """An RGB uint8 image as a ``data:image/png;base64,...`` URI, to inline in a page."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -254,3 +254,10 @@ class SweepSummary(Callback):
         if any(g["runs"] > 1 for g in groups):
             print(f"\nover repeats ({sweep_dir / 'summary_by_config.csv'}):\n"
                   f"{markdown_table(groups)}", flush=True)
+        from galaxy_lightning.report import write_report  # deferred: jinja2
+
+        try:  # the jobs wrote their own reports; this one links them
+            print(f"report: {write_report(sweep_dir, jobs=False)}", flush=True)
+        except (OSError, ValueError) as err:
+            log.warning("could not write the sweep's report.html (%s); run galaxy-report %s",
+                        err, sweep_dir)

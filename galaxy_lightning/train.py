@@ -56,6 +56,7 @@ from galaxy_lightning.errors import (
     EXIT_BAD_INPUT,
     EXIT_TERMINATED,
     ConfigError,
+    GalaxyError,
     cli_boundary,
     config_key,
 )
@@ -327,7 +328,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
                  metrics.get("test/acc", float("nan")), metrics.get("val/acc_best", float("nan")),
                  output_dir)
     finish_loggers(trainer)
+    if trainer.is_global_zero and (output_dir / "metrics.json").is_file():
+        _write_report(output_dir)
     return metrics
+
+
+def _write_report(output_dir: Path) -> None:
+    """report.html beside the run's outputs; a report that cannot be written costs a warning,
+    never the finished run (``galaxy-report`` writes it again)."""
+    from galaxy_lightning.report import write_report  # deferred: jinja2 and astropy.stats
+
+    try:
+        log.info("report: %s", write_report(output_dir))
+    except (OSError, GalaxyError, ValueError) as err:
+        log.warning("could not write report.html in %s (%s); run galaxy-report %s",
+                    output_dir, err, output_dir)
 
 
 class RunDirectoryCheck(Callback):

@@ -20,6 +20,7 @@ from galaxy_lightning.data.images import DEFAULT_STRETCH, check_stretch, fill_na
 from galaxy_lightning.data.prepared import read_prepared
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.predict import CatalogInput, predict
+from galaxy_lightning.report import LEGACY_VIEWER
 from galaxy_lightning.train import train
 
 from .helpers import read_image
@@ -81,6 +82,14 @@ def test_the_real_sample_end_to_end(gz: Path, tmp_path: Path, make_cfg: Callable
     assert prepared.info.spec.crop == 256 and prepared.info.spec.class_names == ("smooth", "featured-or-disk")
     assert prepared.columns["targets"].shape == (6, 2)
     assert (run / "mistakes.png").is_file() or json.loads((run / "metrics.json").read_text())["test/acc"] == 1
+    # the report links every mistake to the sky viewer at its catalog position
+    report = (run / "report.html").read_text()
+    mistakes = json.loads((run / "mistakes.json").read_text()) if (run / "mistakes.json").is_file() else []
+    ids = set(np.asarray(table["iauname"]).astype(str))
+    assert mistakes or json.loads((run / "metrics.json").read_text())["test/acc"] == 1
+    for m in mistakes:
+        assert m["id"] in ids and m["image"].startswith("data:image/png;base64,")
+        assert LEGACY_VIEWER.format(ra=m["ra"], dec=m["dec"]).replace("&", "&amp;") in report
     ckpt = json.loads((run / "metrics.json").read_text())["checkpoint"]
     out = tmp_path / "predictions.csv"
     done, skipped = predict(ckpt, [], out, progress=False,

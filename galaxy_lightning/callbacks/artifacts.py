@@ -12,6 +12,8 @@ Lightning stores in every checkpoint, so a resumed run still plots the whole cur
 from __future__ import annotations
 
 import json
+import math
+from datetime import datetime, timezone
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,15 @@ from galaxy_lightning.data.images import describe_stretch
 from galaxy_lightning.files import atomic_file, write_atomic
 from galaxy_lightning.loggers import log_artifact, log_image, set_tensorboard_layout, takes_images
 from galaxy_lightning.models import count_parameters
+from galaxy_lightning.perf import run_environment
 from galaxy_lightning.plots import (
     accuracy_curve_figure,
     confusion_matrix_figure,
+    display_cell,
     figure_to_array,
     image_grid_figure,
     mistakes_figure,
+    png_data_uri,
     reliability_diagram_figure,
 )
 
@@ -45,6 +50,14 @@ def largest_drop(steps: list[int], accuracies: list[float], after_step: int = 0)
     return max(0.0, *(a - b for a, b in pairs)) if pairs else None
 
 
+def _number(value: Any) -> float | None:
+    """A logged scalar as a JSON number (None when missing or not finite)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 class RunArtifacts(L.Callback):
     """Writes ``examples.png``, ``accuracy_curve.png``, ``confusion_matrix.png``,
     ``reliability_diagram.png`` and ``metrics.json``, and logs each figure to the loggers."""
@@ -54,8 +67,9 @@ class RunArtifacts(L.Callback):
         self.output_dir = Path(output_dir)
         self.examples_per_class = examples_per_class
         self.tags = list(tags or [])
-        self.history: dict[str, list[float]] = {"train_step": [], "train_acc": [],
-                                                "val_step": [], "val_acc": []}
+        self.history: dict[str, list[float | None]] = {
+            "train_step": [], "train_acc": [], "train_loss": [],
+            "val_step": [], "val_acc": [], "val_loss": []}
         self._fit_start: float | None = None
         self.fit_seconds: float | None = None
         self.warmup_steps = 0
@@ -73,7 +87,10 @@ class RunArtifacts(L.Callback):
         # `trainer.test(ckpt_path=...)` would, must not cut the curve back; this package's callers
         # load the tested weights themselves and restore no callback state).
         if not self.history["val_step"]:
-            self.history = {k: list(v) for k, v in state_dict["history"].items()}
+            saved = state_dict["history"]
+            # checkpoints written before the losses were kept: their curve has no loss points
+            self.history = {k: list(saved.get(k) or [None] * len(saved[k.replace("loss", "step")]))
+                            for k in self.history}
 
     # -- figures -----------------------------------------------------------------------------------
     def _figure(self, trainer: L.Trainer, fig: Figure, tag: str, filename: str | None = None,
@@ -115,9 +132,11 @@ class RunArtifacts(L.Callback):
         improved = not h["val_acc"] or acc > max(h["val_acc"])
         h["val_step"].append(step)
         h["val_acc"].append(acc)
+        h["val_loss"].append(_number(metrics.get("val/loss")))
         if "train/acc" in metrics:
             h["train_step"].append(step)
             h["train_acc"].append(float(metrics["train/acc"]))
+            h["train_loss"].append(_number(metrics.get("train/loss")))
         summaries = getattr(pl_module, "summaries", {}).get("val")
         # (a figure for the loggers only: not drawn when none of them takes images)
         if improved and trainer.is_global_zero and summaries is not None \
@@ -173,6 +192,21 @@ class RunArtifacts(L.Callback):
                               pl_module.class_names, self.examples_per_class,
                               display=pl_module.spec.display)
         self._figure(trainer, fig, "test/most_confident_mistakes", "mistakes.png", dpi=100)
+        # the same mistakes as data, for the report: each with its identity on the sky and the
+        # image as the figure shows it (a small inline PNG)
+        cells = test.images[index.to(test.images.device)].cpu().numpy()
+        records = []
+        for (label, conf, row, pred), cell in zip(rows, cells):
+            record = {"true": pl_module.class_names[label], "predicted": pl_module.class_names[pred],
+                      "confidence": round(float(conf), 4), "test_row": int(row),
+                      "image": png_data_uri(display_cell(cell, pl_module.spec.display))}
+            for key in ("id", "ra", "dec"):
+                column = test.columns.get(key)
+                if column is not None:
+                    value = column[row]
+                    record[key] = float(value) if key != "id" else str(value)
+            records.append(record)
+        write_atomic(self.output_dir / "mistakes.json", json.dumps(records, indent=1))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         summaries = getattr(pl_module, "summaries", {}).get("test")
@@ -190,8 +224,8 @@ class RunArtifacts(L.Callback):
         title = "Test reliability" + (" (TTA)" if tta else "")
         if "test/ece" in scalars and "test/ece_floor" in scalars:
             # on a few hundred images the ECE of even a perfect model is several hundredths
-            title += (f"\nECE {scalars['test/ece']:.3f}; {scalars['test/ece_floor']:.3f} expected "
-                      f"of a perfectly calibrated model on {int(sum(count))} images")
+            title += (f"\nECE {scalars['test/ece']:.3f}; {scalars['test/ece_floor']:.3f} expected of a"
+                      f"\nperfectly calibrated model on {int(sum(count))} images")
         self._figure(trainer, reliability_diagram_figure(count, confidence, correct, title=title),
                      "test/reliability_diagram", "reliability_diagram.png")
         h = self.history
@@ -224,6 +258,10 @@ class RunArtifacts(L.Callback):
                 str(checkpoint.best_model_path) if checkpoint is not None
                 and getattr(checkpoint, "best_model_path", "") else None),
             "history": h,
+            # for the report: what the model takes, and what it ran on, when
+            "input_spec": pl_module.spec.to_dict(),
+            "environment": run_environment(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.output_dir / "metrics.json", json.dumps(metrics, indent=2))
