@@ -63,7 +63,7 @@ def center_crop(images: np.ndarray, size: int) -> np.ndarray:
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """Resize (n, H, W, C) uint8 images to ``size`` x ``size`` (antialiased bilinear)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 

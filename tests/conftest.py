@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -159,3 +159,23 @@ def http_server() -> FileServer:
     yield server
     server.shutdown()
     server.server_close()
+
+
+# -- headless Chromium for the report and serving pages ----------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Chromium driven by Playwright, with no network beyond the page's own file."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: the report and serving tests need Debian's chromium "
+                    "(`make install-browser`)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()

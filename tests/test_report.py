@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,24 +20,7 @@ from galaxy_lightning.report import (
     write_report,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = ("results", "curves", "confusion", "reliability", "examples", "mistakes", "run")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """Headless Chromium driven by Playwright, with no network beyond the page's own file."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: the report tests need Debian's chromium "
-                    "(`make install-browser`)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser: object, path: Path, width: int = 1200) -> tuple[object, list[str]]:
