@@ -192,3 +192,26 @@ def test_galaxy_serve_refuses_a_missing_model_in_one_line(
         main([str(tmp_path / "missing.ckpt")])
     err = capsys.readouterr().err.strip()
     assert stop.value.code != 0 and "missing.ckpt" in err and "\n" not in err, err
+
+
+def test_an_exported_model_serves_what_its_checkpoint_does(
+        png_server: tuple[str, Path, object], tmp_path: Path) -> None:
+    from galaxy_lightning.export import export
+
+    url, checkpoint, _ = png_server
+    exported = export(checkpoint, tmp_path / "export", formats=("pt2",))["pt2"]
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"g{i}.png")
+        Image.fromarray(render(i, 3, i, 32)).save(files[-1])
+    from_checkpoint = post(url, files).json()["results"]
+    with serving(create_app(Classifier(exported), LIMITS)) as exported_url:
+        info = httpx.get(f"{exported_url}/info").json()
+        assert info["kind"] == "exported" and info["input_spec"]["image_size"] == 32
+        from_export = post(exported_url, files).json()["results"]
+        for a, b in zip(from_checkpoint, from_export):
+            assert list(a["probabilities"].values()) == pytest.approx(
+                list(b["probabilities"].values()), abs=1e-5)
+        # its TTA was fixed at export: asking otherwise is refused, not silently ignored
+        refused = post(exported_url, files, tta=not info["tta_default"])
+        assert refused.status_code == 400 and "fixed at export" in refused.json()["detail"]

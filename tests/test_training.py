@@ -370,9 +370,11 @@ def test_quickstart_trains_well_above_chance_and_writes_every_output(tmp_path: P
     assert metrics["test/acc"] > 0.45  # chance is 1/7
     assert sum(map(sum, metrics["test/confusion_matrix"])) == 1000
     for name in ("accuracy_curve.png", "confusion_matrix.png", "examples.png", "config.yaml",
-                 "quickstart.log", "checkpoints/last.ckpt"):
+                 "quickstart.log", "checkpoints/last.ckpt", "mistakes.json"):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    report = (run / "report.html").read_text()  # the one page to open or send
+    assert "experiment=quickstart" in report and f"{100 * metrics['test/acc']:.1f}%" in report
 
 
 @pytest.mark.slow
