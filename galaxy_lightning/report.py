@@ -184,7 +184,7 @@ def _read_mistakes(path: Path) -> list[dict[str, Any]]:
 
 def sweep_context(sweep_dir: Path) -> dict[str, Any]:
     """The sweep page: its jobs (each linking to its report) and, over repeats, its configurations."""
-    from galaxy_lightning.sweep import group_by_config, summarize
+    from galaxy_lightning.sweep import REPEATS, group_by_config, summarize
 
     rows = summarize(sweep_dir)
     if not rows:
@@ -198,6 +198,14 @@ def sweep_context(sweep_dir: Path) -> dict[str, Any]:
                       "best_step": r["best_step"], "minutes": r["fit_minutes"], "status": r["status"],
                       "report": f"{r['job']}/{REPORT}" if report.is_file() else None})
     groups = group_by_config(rows)
+    members: dict[str, list[dict[str, str]]] = {}
+    for r, row in zip(rows, shown):  # each configuration's repeats, linked to their reports
+        config = " ".join(o for o in r["all_overrides"].split()
+                          if not o.startswith((*REPEATS, "paths.", "hydra."))) or "(defaults)"
+        if row["report"]:
+            members.setdefault(config, []).append(
+                {"label": " ".join(o for o in r["all_overrides"].split() if o.startswith(REPEATS))
+                 or r["job"], "report": row["report"]})
     common = set.intersection(*(set(g["config"].split()) for g in groups)) if groups else set()
     every = set.intersection(*(set(r["all_overrides"].split()) for r in rows))
     return {
@@ -208,7 +216,7 @@ def sweep_context(sweep_dir: Path) -> dict[str, Any]:
                     "acc_mean": g["test/acc_mean"], "acc_std": g["test/acc_std"],
                     "acc_low": g["test/acc_ci95_low"], "acc_high": g["test/acc_ci95_high"],
                     "ece_mean": g["test/ece_mean"], "drop_max": g["val/acc_largest_drop_max"],
-                    "minutes": g["fit_minutes"]}
+                    "minutes": g["fit_minutes"], "jobs": members.get(g["config"], [])}
                    for g in groups if any(x["runs"] > 1 for x in groups)],
     }
 

@@ -469,3 +469,29 @@ def test_an_exploding_loss_is_flagged_and_an_untrainable_momentum_refused(tmp_pa
     one_line(cli("optimizer=sgd", "optimizer.momentum=2", tmp_path=tmp_path / "b"),
              "optimizer.momentum=2 must be in [0, 1)")
     assert not (tmp_path / "b" / "data").exists()  # refused before any data is touched
+
+
+def test_a_run_resumed_into_a_new_directory_keeps_the_earlier_best(tmp_path: Path) -> None:
+    """Lightning restores only the best path across directories, not its score, so the first
+    validation after a resume became the 'best' even when worse (found by the streamed kill
+    test, where validation accuracy ties)."""
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from galaxy_lightning.callbacks import BestCheckpoint
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "best.ckpt").write_bytes(b"weights")
+    state = {"dirpath": str(old), "best_model_path": str(old / "best.ckpt"),
+             "best_model_score": torch.tensor(0.5)}
+    options = dict(dirpath=str(tmp_path / "new"), monitor="val/acc", mode="max", save_top_k=1)
+    ours = BestCheckpoint(**options)
+    ours.load_state_dict(dict(state))
+    assert float(ours.best_model_score) == 0.5 and list(ours.best_k_models) == [str(old / "best.ckpt")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = ModelCheckpoint(**options)
+        plain.load_state_dict(dict(state))
+    assert plain.best_model_score is None  # what Lightning alone keeps

@@ -127,6 +127,9 @@ def test_galaxy_report_on_a_sweep_links_every_job_and_sorts(
     groups = page.locator("#by-config tbody tr")
     assert groups.count() == 2 and "optimizer.lr=0.1" in groups.nth(1).inner_text()
     assert "85.0%" in groups.nth(1).inner_text()  # the mean over the two seeds
+    links = groups.nth(1).locator("a")
+    assert [links.nth(i).inner_text() for i in range(links.count())] == ["seed=0", "seed=1"]
+    assert links.nth(0).get_attribute("href").startswith("2_")  # the job of lr=0.1, seed=0
     jobs = page.locator("#jobs tbody tr")
     assert jobs.count() == 4
     column = 3  # test accuracy

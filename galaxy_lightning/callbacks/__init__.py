@@ -14,9 +14,9 @@
 
 from galaxy_lightning.callbacks.artifacts import RunArtifacts, TensorBoardDashboard, largest_drop
 from galaxy_lightning.callbacks.progress import LineProgressBar, StepTimer, progress_bar
-from galaxy_lightning.callbacks.resume import GracefulStop, RandomStates, requeue_slurm_job, slurm_job_id
+from galaxy_lightning.callbacks.resume import BestCheckpoint, GracefulStop, RandomStates, requeue_slurm_job, slurm_job_id
 from galaxy_lightning.callbacks.weights import BatchNormStatistics, WeightAverage
 
-__all__ = ["BatchNormStatistics", "GracefulStop", "LineProgressBar", "RandomStates", "RunArtifacts",
+__all__ = ["BatchNormStatistics", "BestCheckpoint", "GracefulStop", "LineProgressBar", "RandomStates", "RunArtifacts",
            "StepTimer", "TensorBoardDashboard", "WeightAverage", "largest_drop", "progress_bar",
            "requeue_slurm_job", "slurm_job_id"]

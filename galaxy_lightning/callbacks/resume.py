@@ -14,10 +14,35 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from galaxy_lightning.callbacks.artifacts import RunArtifacts
 from galaxy_lightning.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, which keeps tracking the best model when a run resumes
+    into a new run directory (every resumed Hydra run gets one).
+
+    Lightning restores only the best checkpoint's path there, not its score, so the first
+    validation after the resume is saved as the new best even when it is worse: a run whose best
+    validation came before the kill would test other weights than the uninterrupted run. Here the
+    score comes back with the path (when that file still exists), so the resumed run keeps the
+    earlier best unless it beats it, exactly as the uninterrupted run does. Lightning never
+    deletes a file outside this run's directory, so the earlier run's best stays where it is."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        self.best_model_path = state_dict["best_model_path"]
+        score = state_dict.get("best_model_score")
+        if self.monitor is not None and score is not None and self.best_model_path \
+                and Path(self.best_model_path).is_file():
+            self.best_model_score = score
+            self.best_k_models = {self.best_model_path: score}
+            self.kth_best_model_path, self.kth_value = self.best_model_path, score
 
 
 class RandomStates(L.Callback):

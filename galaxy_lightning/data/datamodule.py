@@ -1,4 +1,5 @@
-"""The one DataModule: a prepared file held in memory as uint8, batched by tensor indexing.
+"""The one DataModule: a prepared file held in memory as uint8 (or streamed from it, for sets
+larger than memory: :mod:`galaxy_lightning.data.streaming`), batched by tensor indexing.
 
 A *data source* (synthetic simulator, Galaxy10, a user's HDF5) only has to write the prepared
 format (see :mod:`galaxy_lightning.data.prepared`); everything after that is shared:
@@ -15,6 +16,7 @@ format (see :mod:`galaxy_lightning.data.prepared`); everything after that is sha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,7 @@ from galaxy_lightning.data.prepared import (
     read_labels,
     read_prepared,
 )
+from galaxy_lightning.data.streaming import H5Rows, StreamedBatches, block_order, decide_streaming
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.input_spec import InputSpec, Preprocess
 
@@ -52,8 +55,12 @@ class EpochBatchSampler:
     batch it would have seen next."""
 
     def __init__(self, num_items: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 block: int | None = None) -> None:
         self.num_items = num_items
+        #: streamed data: shuffle blocks of this many consecutive rows (and within a window of
+        #: 8 batches) rather than single rows, so that reads from the file are large
+        self.block = block
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -89,7 +96,8 @@ class EpochBatchSampler:
         # would resume into an empty epoch and then train on the wrong permutation).
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_items, generator=gen)
+            order = (block_order(self.num_items, self.block, gen, 8 * self.batch_size)
+                     if self.block else torch.randperm(self.num_items, generator=gen))
         else:
             order = torch.arange(self.num_items)
         # With several processes (DDP) every rank draws the same permutation and takes its own
@@ -105,6 +113,15 @@ class EpochBatchSampler:
             batches = batches[self._resume[1]:]
         self._resume = None
         yield from batches
+
+
+def _worker_context() -> str:
+    """Reader processes start from a clean process (forkserver, else spawn), never by forking
+    the training process: HDF5 is not safe across a fork of a process that has the file open,
+    and the dataset they receive is pickled without its file handle."""
+    import multiprocessing
+
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _own_generator() -> torch.Generator:
@@ -125,9 +142,9 @@ class ResumableLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, sampler: EpochBatchSampler,
-                 completed: Callable[[], int]) -> None:
-        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=0,
-                         generator=_own_generator())
+                 completed: Callable[[], int], **workers: Any) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, generator=_own_generator(),
+                         **(workers or {"num_workers": 0}))
         self._completed = completed
 
     def state_dict(self) -> dict[str, int]:
@@ -231,7 +248,8 @@ class GalaxyDataModule(L.LightningDataModule):
                  split_seed: int = 0, shuffle_seed: int = 0, augment: str | Sequence[str] = (),
                  max_shift: float = 2.0, folds: int | None = None, fold: int = 0,
                  soft_targets: bool = False, overfit_batches: int = 0, test_only: bool = False,
-                 device_resident: bool = False) -> None:
+                 device_resident: bool = False, in_memory: bool | str = True,
+                 stream_workers: int | None = None, stream_block: int = 32) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -257,6 +275,16 @@ class GalaxyDataModule(L.LightningDataModule):
         self.overfit_batches = overfit_batches
         self.test_only = test_only
         self.device_resident = device_resident
+        decide_streaming(in_memory, 0, device_resident and in_memory is False)  # checks the value
+        self.in_memory = in_memory
+        if stream_workers is not None and (not isinstance(stream_workers, int) or stream_workers < 0):
+            raise ConfigError(f"stream_workers={stream_workers} must be 0 (read in the training "
+                              "process), a number of reader processes, or null (up to 4)")
+        self.stream_workers = stream_workers
+        if not isinstance(stream_block, int) or stream_block < 1:
+            raise ConfigError(f"stream_block={stream_block} must be a positive number of rows")
+        self.stream_block = stream_block
+        self.streamed = False
         self._path: Path | None = None
         self._split_data: dict[str, TensorBatches] = {}
         self.preprocess: Preprocess | None = None
@@ -302,8 +330,11 @@ class GalaxyDataModule(L.LightningDataModule):
             return
         if self.preprocess is None:
             self.prepare_data()
-        data = read_prepared(self.path)
-        images = torch.from_numpy(data.images)
+        info = self.info
+        self.streamed = decide_streaming(
+            self.in_memory, info.num_images * info.height * info.width * info.channels,
+            self.device_resident)
+        data = read_prepared(self.path, images=not self.streamed)
         labels = torch.from_numpy(data.labels)
         if self.test_only:  # evaluation of a whole file
             empty = torch.zeros(0, dtype=torch.int64)
@@ -319,6 +350,17 @@ class GalaxyDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if (self.device_resident and trainer is not None) \
             else torch.device("cpu")
+        if self.streamed:  # each split's rows in file order: batches read contiguous slabs
+            shape = (info.height, info.width, info.channels)
+            index = {name: idx.sort().values for name, idx in index.items()}
+            self._split_data = {
+                name: StreamedBatches(H5Rows(self.path, idx.numpy(), shape), labels[idx].contiguous(),
+                                      targets[idx].contiguous()
+                                      if targets is not None and name == "train" else None,
+                                      {k: v[idx.numpy()] for k, v in identity.items()})
+                for name, idx in index.items()}
+            return
+        images = torch.from_numpy(data.images)
         self._split_data = {
             name: TensorBatches(images[idx].contiguous().to(device),
                                 labels[idx].contiguous().to(device),
@@ -328,8 +370,9 @@ class GalaxyDataModule(L.LightningDataModule):
                                 {k: v[idx.numpy()] for k, v in identity.items()})
             for name, idx in index.items()}
 
-    def split(self, name: str) -> TensorBatches:
-        """The in-memory images and labels of ``train``, ``val`` or ``test``."""
+    def split(self, name: str) -> TensorBatches | StreamedBatches:
+        """The images (in memory, or read on demand) and labels of ``train``, ``val`` or
+        ``test``."""
         self.setup()
         return self._split_data[name]
 
@@ -337,15 +380,33 @@ class GalaxyDataModule(L.LightningDataModule):
     def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = EpochBatchSampler(len(self.split(name)), batch_size, shuffle=shuffle,
+        data = self.split(name)
+        sampler = EpochBatchSampler(len(data), batch_size, shuffle=shuffle,
                                     seed=self.shuffle_seed, drop_last=shuffle, rank=rank,
-                                    world_size=world)
+                                    world_size=world,
+                                    block=self.stream_block if self.streamed else None)
+        workers = self._stream_workers(trainer, persistent=shuffle) if self.streamed             else {"num_workers": 0}
         if shuffle and trainer is not None:  # training: resumable in the middle of an epoch
             loop = trainer.fit_loop.epoch_loop.batch_progress
-            return ResumableLoader(self.split(name), sampler, lambda: loop.current.completed)
+            return ResumableLoader(data, sampler, lambda: loop.current.completed, **workers)
         # batch_size=None: the sampler already yields whole batches and the dataset gathers them.
-        return DataLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=0,
-                          generator=_own_generator())
+        return DataLoader(data, sampler=sampler, batch_size=None, generator=_own_generator(),
+                          **workers)
+
+    def _stream_workers(self, trainer: Any, persistent: bool) -> dict[str, Any]:
+        """DataLoader options of streamed reading: reader processes (``stream_workers``; null:
+        up to 4, never more than the cores of this rank), each prefetching 4 batches, those of
+        training kept alive between epochs (evaluation's start with each pass, so that idle
+        readers hold no memory); pinned memory for non-blocking copies to a GPU."""
+        count = self.stream_workers
+        if count is None:
+            world = trainer.world_size if trainer is not None else 1
+            count = max(1, min(4, (os.cpu_count() or 1) // max(1, world)))
+        cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        if count == 0:
+            return {"num_workers": 0, "pin_memory": cuda}
+        return {"num_workers": count, "prefetch_factor": 4, "persistent_workers": persistent,
+                "pin_memory": cuda, "multiprocessing_context": _worker_context()}
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)

@@ -333,13 +333,16 @@ def read_labels(path: str | os.PathLike[str]) -> np.ndarray:
                             "prepared again") from None
 
 
-def read_prepared(path: str | os.PathLike[str]) -> PreparedData:
-    """Load a prepared file into memory, checking that its labels fit its class names."""
+def read_prepared(path: str | os.PathLike[str], images: bool = True) -> PreparedData:
+    """Load a prepared file into memory, checking that its labels fit its class names; with
+    ``images=False`` everything but the pixels (``images`` is then an empty (0, H, W, C) array:
+    a streamed data set reads them as needed)."""
     path = Path(path)
     with _open(path) as f:
         info = _info(path, f)
         try:
-            images = f["images"][...]
+            pixels = f["images"][...] if images else \
+                np.empty((0, info.height, info.width, info.channels), np.uint8)
             labels = f["labels"][...]
             columns = {name: f[name][...] for name in info.columns}
         except OSError as err:
@@ -353,7 +356,7 @@ def read_prepared(path: str | os.PathLike[str]) -> PreparedData:
     split = columns.get("split")
     if split is not None and len(split) and split.max() > 2:
         raise DataError(f"{path}: 'split' values must be 0 (train), 1 (val) or 2 (test)")
-    return PreparedData(info, images, labels, columns)
+    return PreparedData(info, pixels, labels, columns)
 
 
 def provenance_matches(path: str | os.PathLike[str], expected: dict[str, Any]) -> bool:
