@@ -281,6 +281,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the preparation of a catalog of FITS cutouts")
     parser.add_argument("--fits-images", type=int, default=20000,
                         help="FITS cutouts in the catalog benchmark (20,000)")
+    parser.add_argument("--only-stream", action="store_true",
+                        help="only streamed against in-memory training (a set larger than memory)")
+    parser.add_argument("--stream-images", type=int, default=200000,
+                        help="simulated 96 px galaxies in the streamed set (200,000: 5.5 GB)")
+    parser.add_argument("--stream-steps", type=int, default=300,
+                        help="training steps of each streamed/in-memory run (300)")
     parser.add_argument("--worker", choices=["tutorial", "prepare", "simulate", "fullsize", "fits"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
@@ -308,6 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"machine": _machine(), "steps": args.steps}
     print(f"machine: {report['machine']}\n", flush=True)
 
+    if args.only_stream:
+        _stream_runs(args, data_dir, out_dir, report)
+        (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+        print(f"\nresults: {out_dir / 'bench.json'}")
+        return
     if args.only_fits:
         _fits_runs(args, me, data_dir, out_dir, report)
         (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
@@ -330,6 +341,108 @@ def main(argv: list[str] | None = None) -> None:
 
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     print(f"\nresults: {out_dir / 'bench.json'}")
+
+
+def _tree_pss_mb(pid: int) -> float:
+    """Memory (MB) of a process and all its descendants, from /proc (Linux): the sum of their
+    proportional set sizes (PSS), so that the libraries every reader process maps (torch's among
+    them) count once rather than once per process, as a sum of RSS would."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                stack += [int(c) for c in children]
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
+def _measured_run(cmd: list[str], result: Path) -> dict[str, Any]:
+    """Run ``cmd`` under ``/usr/bin/time -v`` (its maximum resident set size: the largest single
+    process) while sampling the memory of the whole process tree (readers included, PSS) every
+    0.2 s from here, outside the run."""
+    import threading
+
+    time_v = Path("/usr/bin/time")
+    wrapped = [str(time_v), "-v", *cmd] if time_v.is_file() else cmd
+    start = time.time()
+    proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_pss_mb(proc.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{err[-3000:]}")
+    measured = json.loads(result.read_text())
+    measured["wall_s"] = time.time() - start
+    measured["tree_peak_pss_mb"] = peak[0]
+    for line in err.splitlines():
+        if "Maximum resident set size" in line:
+            measured["time_v_max_rss_mb"] = int(line.split(":")[1]) / 1024
+    return measured
+
+
+def _stream_runs(args: argparse.Namespace, data_dir: Path, out_dir: Path,
+                 report: dict[str, Any]) -> None:
+    """Streamed against in-memory training: step rates on the 12,600-image simulated set both
+    ways, and a set larger than the memory a run should take, streamed, with its peak memory."""
+    from galaxy_lightning.data.synthetic import CLASS_NAMES, SyntheticGalaxies
+
+    bench_dir = data_dir / "bench"
+    per_class = max(1, args.stream_images // len(CLASS_NAMES))
+    big = SyntheticGalaxies(n_per_class=per_class, image_size=96,
+                            filename=f"stream_bench_n{per_class}_s96.h5")
+    t0 = time.perf_counter()
+    path = big.prepare(bench_dir)
+    size_gb = path.stat().st_size / 1e9
+    print(f"streamed set: {per_class * len(CLASS_NAMES):,} simulated galaxies at 96 px, "
+          f"{size_gb:.2f} GB ({time.perf_counter() - t0:.0f} s to simulate or find)", flush=True)
+    steps = args.stream_steps
+    common = ["experiment=recommended", f"trainer.max_steps={steps}",
+              f"trainer.val_check_interval={steps}", "calibrate=false", "tta=false",
+              "callbacks.progress_bar.every_n_steps=1000", "logger=none",
+              "+callbacks.step_timer._target_=galaxy_lightning.callbacks.StepTimer"]
+    runs = {
+        "12,600 in memory": ["data.in_memory=true"],
+        "12,600 streamed": ["data.in_memory=false"],
+        f"{per_class * len(CLASS_NAMES):,} streamed": [
+            "data.in_memory=false", f"data.source.n_per_class={per_class}",
+            f"+data.source.filename={path.name}", "data.splits=[0.98,0.01,0.01]"],
+    }
+    results: dict[str, dict[str, Any]] = {}
+    print(f"\nrecommended recipe, {steps} steps of 128, one validation and the test; "
+          "ms/step after 20 warm-up steps:")
+    print(f"{'run':24s} {'ms/step':>8s} {'img/s':>7s} {'main RSS MB':>12s} {'all PSS MB':>11s} "
+          f"{'wall s':>7s}")
+    for name, extra in runs.items():
+        tag = name.split()[0].replace(",", "") + "_" + name.split()[-1]
+        res = out_dir / f"stream_{tag}.json"
+        results[name] = r = _measured_run(
+            [sys.executable, "-m", "galaxy_lightning.train", *common, *extra,
+             f"+callbacks.step_timer.output_file={res}", f"paths.data_dir={bench_dir}",
+             f"hydra.run.dir={out_dir / ('stream_' + tag)}"], res)
+        print(f"{name:24s} {r['ms_per_step']:8.1f} {r['images_per_s']:7.0f} "
+              f"{r.get('time_v_max_rss_mb', float('nan')):12.0f} {r['tree_peak_pss_mb']:11.0f} "
+              f"{r['wall_s']:7.0f}", flush=True)
+    memory = results["12,600 in memory"]["ms_per_step"]
+    for name, r in results.items():
+        r["rate_vs_in_memory"] = memory / r["ms_per_step"]
+    print("step rate against in memory: " + ", ".join(
+        f"{k} {r['rate_vs_in_memory']:.2f}" for k, r in results.items()), flush=True)
+    report["stream"] = {"images": per_class * len(CLASS_NAMES), "file_gb": size_gb,
+                        "steps": steps, "runs": results}
 
 
 def _train_py_run(args: argparse.Namespace, data_dir: Path, run_dir: Path, steps: int,

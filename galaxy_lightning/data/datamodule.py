@@ -385,7 +385,10 @@ class GalaxyDataModule(L.LightningDataModule):
                                     seed=self.shuffle_seed, drop_last=shuffle, rank=rank,
                                     world_size=world,
                                     block=self.stream_block if self.streamed else None)
-        workers = self._stream_workers(trainer, persistent=shuffle) if self.streamed             else {"num_workers": 0}
+        # streamed training reads in worker processes; evaluation reads its batches in order,
+        # contiguous slabs, in this process (no reader start-up at every validation)
+        workers = (self._stream_workers(trainer) if self.streamed and shuffle
+                   else {"num_workers": 0})
         if shuffle and trainer is not None:  # training: resumable in the middle of an epoch
             loop = trainer.fit_loop.epoch_loop.batch_progress
             return ResumableLoader(data, sampler, lambda: loop.current.completed, **workers)
@@ -393,19 +396,18 @@ class GalaxyDataModule(L.LightningDataModule):
         return DataLoader(data, sampler=sampler, batch_size=None, generator=_own_generator(),
                           **workers)
 
-    def _stream_workers(self, trainer: Any, persistent: bool) -> dict[str, Any]:
-        """DataLoader options of streamed reading: reader processes (``stream_workers``; null:
-        up to 4, never more than the cores of this rank), each prefetching 4 batches, those of
-        training kept alive between epochs (evaluation's start with each pass, so that idle
-        readers hold no memory); pinned memory for non-blocking copies to a GPU."""
+    def _stream_workers(self, trainer: Any) -> dict[str, Any]:
+        """DataLoader options of streamed training: reader processes (``stream_workers``; null:
+        one per 4 cores of this rank, 1 to 4), each prefetching 4 batches, kept alive between
+        epochs; pinned memory for non-blocking copies to a GPU."""
         count = self.stream_workers
-        if count is None:
+        if count is None:  # one reader per 4 cores of this rank: readers take cores from compute
             world = trainer.world_size if trainer is not None else 1
-            count = max(1, min(4, (os.cpu_count() or 1) // max(1, world)))
+            count = max(1, min(4, (os.cpu_count() or 1) // max(1, world) // 4))
         cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         if count == 0:
             return {"num_workers": 0, "pin_memory": cuda}
-        return {"num_workers": count, "prefetch_factor": 4, "persistent_workers": persistent,
+        return {"num_workers": count, "prefetch_factor": 4, "persistent_workers": True,
                 "pin_memory": cuda, "multiprocessing_context": _worker_context()}
 
     def train_dataloader(self) -> DataLoader:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import multiprocessing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -467,17 +467,24 @@ def read_images(reader: ImageReader, jobs: Sequence[tuple[int, Sequence[Path]]],
         for c in chunks:
             yield from _read_chunk(reader, c)
         return
+    for results in ordered_map(_read_chunk, [(reader, c) for c in chunks], workers):
+        yield from results
+
+
+def ordered_map(fn: Any, args: Sequence[tuple[Any, ...]], workers: int) -> Iterator[Any]:
+    """``fn(*a)`` for every ``a`` of ``args``, in order, computed in ``workers`` processes with at
+    most two tasks per process in flight, so memory stays bounded however many there are."""
     # fork where there is one (as torch's DataLoader workers do: one thread per worker, set by
     # the initializer, so the parent's thread pools are never used in the child); spawning would
     # import torch again in every worker, seconds each
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                              initializer=_init_worker) as pool:
-        pending = [pool.submit(_read_chunk, reader, c) for c in chunks[:2 * workers]]
-        next_chunk = len(pending)
+        pending = [pool.submit(fn, *a) for a in args[:2 * workers]]
+        following = len(pending)
         while pending:
-            results = pending.pop(0).result()
-            if next_chunk < len(chunks):
-                pending.append(pool.submit(_read_chunk, reader, chunks[next_chunk]))
-                next_chunk += 1
-            yield from results
+            result = pending.pop(0).result()
+            if following < len(args):
+                pending.append(pool.submit(fn, *args[following]))
+                following += 1
+            yield result

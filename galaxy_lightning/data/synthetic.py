@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 
 from galaxy_lightning import console
 from galaxy_lightning.data.galaxy10 import TUTORIAL_CLASS_NAMES
+from galaxy_lightning.data.images import ordered_map
 from galaxy_lightning.data.prepared import PreparedWriter, prepare_once
 from galaxy_lightning.input_spec import InputSpec
 
@@ -329,12 +331,17 @@ class SyntheticGalaxies:
         total = self.n_per_class * len(CLASS_NAMES)
         chunk = 700
         spec = InputSpec(class_names=tuple(CLASS_NAMES), channels=3, image_size=self.image_size)
+        # every image has its own generator ([seed, index]): chunks simulated in parallel
+        # processes are the same pixels as in one, written in order
+        chunks = [(self.n_per_class, self.image_size, self.seed, start, start + chunk)
+                  for start in range(0, total, chunk)]
+        workers = min(os.cpu_count() or 1, len(chunks))
         with PreparedWriter(path, total, spec, self.provenance) as writer, \
                 console.progress(total=total, desc=f"simulating {path.name}", unit="img",
                                  enabled=progress) as bar:
-            for start in range(0, total, chunk):
-                images, labels = simulate(self.n_per_class, self.image_size, self.seed, start,
-                                          start + chunk)
+            results = (ordered_map(simulate, chunks, workers) if workers > 1
+                       else (simulate(*c) for c in chunks))
+            for images, labels in results:
                 writer.write(images, labels)
                 bar.update(len(labels))
 
