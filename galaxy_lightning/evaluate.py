@@ -62,7 +62,7 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
     the model what it was trained on (:func:`check_input_spec`)."""
     if prepared is not None:
         datamodule = GalaxyDataModule(PreparedFile(prepared), test_only=True,
-                                      eval_batch_size=batch_size or 1000)
+                                      eval_batch_size=batch_size or 1000, in_memory="auto")
     else:
         if not module.hparams.get("data"):
             raise CheckpointError("this checkpoint does not record its data config; pass a "
@@ -72,6 +72,8 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
             config["data_dir"] = data_dir
         if batch_size is not None:
             config["eval_batch_size"] = batch_size
+        # a file larger than the memory available is streamed (as training may have done)
+        config["in_memory"] = False if config.get("in_memory") is False else "auto"
         datamodule = construct(config, "data")
     with config_key("data"):
         datamodule.prepare_data()

@@ -59,6 +59,7 @@ def test_scores_from_the_confusion_matrix() -> None:
     assert per_class_scores([[0, 3], [0, 5]], ["x", "y"])[0]["precision"] != 0
 
 
+@pytest.mark.slow  # headless Chromium
 def test_a_run_leaves_a_report_that_renders_offline_with_every_section(
         tiny_run: tuple[Path, dict, Path], browser: object, tmp_path: Path) -> None:
     run = Path(tiny_run[0]).parents[1]
@@ -102,6 +103,7 @@ def test_a_report_of_an_earlier_version_shows_what_its_files_allow(
     assert html.count("data:image/png;base64,") >= 5  # the figures it had, the mistakes as a PNG
 
 
+@pytest.mark.slow  # headless Chromium
 def test_galaxy_report_on_a_sweep_links_every_job_and_sorts(
         tiny_run: tuple[Path, dict, Path], browser: object, tmp_path: Path,
         capsys: pytest.CaptureFixture) -> None:

@@ -138,6 +138,7 @@ def test_bad_uploads_get_one_line_4xx_and_the_server_keeps_serving(
     assert post(url, [good]).status_code == 200  # still serving
 
 
+@pytest.mark.slow  # a load test
 def test_concurrent_requests_are_batched_without_failures_or_growing_memory(
         png_server: tuple[str, Path, object]) -> None:
     url, _, app = png_server
@@ -161,6 +162,7 @@ def test_concurrent_requests_are_batched_without_failures_or_growing_memory(
     assert ran < single["requests"] + several["requests"] < images  # concurrent images shared batches
 
 
+@pytest.mark.slow  # headless Chromium
 def test_the_page_classifies_dropped_cutouts_in_chromium(
         png_server: tuple[str, Path, object], browser: object, tmp_path: Path) -> None:
     url, _, _ = png_server
