@@ -34,7 +34,7 @@ from galaxy_lightning.data.prepared import (
     read_labels,
     read_prepared,
 )
-from galaxy_lightning.data.streaming import H5Rows, StreamedBatches, block_order, decide_streaming
+from galaxy_lightning.data.streaming import H5Rows, block_order, decide_streaming
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.input_spec import InputSpec, Preprocess
 
@@ -155,11 +155,12 @@ class ResumableLoader(DataLoader):
 
 
 class TensorBatches(Dataset):
-    """Images and labels in memory; ``self[index_tensor]`` is a whole batch: (images, labels), or
-    (images, labels, targets) with soft targets. ``columns`` keeps the split's per-row catalog
+    """Images and labels; ``self[index_tensor]`` is a whole batch: (images, labels), or
+    (images, labels, targets) with soft targets. The images are a tensor in memory, or the rows
+    of the prepared file read on demand (:class:`~galaxy_lightning.data.streaming.H5Rows`). ``columns`` keeps the split's per-row catalog
     identity (``id``, ``ra``, ``dec``) for outputs that name objects."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+    def __init__(self, images: torch.Tensor | H5Rows, labels: torch.Tensor,
                  targets: torch.Tensor | None = None,
                  columns: dict[str, np.ndarray] | None = None) -> None:
         self.images = images
@@ -354,7 +355,7 @@ class GalaxyDataModule(L.LightningDataModule):
             shape = (info.height, info.width, info.channels)
             index = {name: idx.sort().values for name, idx in index.items()}
             self._split_data = {
-                name: StreamedBatches(H5Rows(self.path, idx.numpy(), shape), labels[idx].contiguous(),
+                name: TensorBatches(H5Rows(self.path, idx.numpy(), shape), labels[idx].contiguous(),
                                       targets[idx].contiguous()
                                       if targets is not None and name == "train" else None,
                                       {k: v[idx.numpy()] for k, v in identity.items()})
@@ -370,7 +371,7 @@ class GalaxyDataModule(L.LightningDataModule):
                                 {k: v[idx.numpy()] for k, v in identity.items()})
             for name, idx in index.items()}
 
-    def split(self, name: str) -> TensorBatches | StreamedBatches:
+    def split(self, name: str) -> TensorBatches:
         """The images (in memory, or read on demand) and labels of ``train``, ``val`` or
         ``test``."""
         self.setup()

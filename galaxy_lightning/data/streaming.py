@@ -26,7 +26,6 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from galaxy_lightning.errors import ConfigError, DataError
 
@@ -150,22 +149,3 @@ class H5Rows:
             self._file.close()
             self._file = None
 
-
-class StreamedBatches(Dataset):
-    """A split whose images stay in the prepared file: ``self[index_tensor]`` is a whole batch,
-    (images, labels) or (images, labels, targets), as :class:`TensorBatches` gives."""
-
-    def __init__(self, images: H5Rows, labels: torch.Tensor, targets: torch.Tensor | None = None,
-                 columns: dict[str, np.ndarray] | None = None) -> None:
-        self.images = images
-        self.labels = labels
-        self.targets = targets
-        self.columns = columns or {}
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.targets is not None:
-            return self.images[index], self.labels[index], self.targets[index]
-        return self.images[index], self.labels[index]
