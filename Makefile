@@ -12,7 +12,8 @@ install:  ## install torch 2.13.0 (CPU wheel here) first, then the project (edit
 	$(PIP) install -e ".[dev]"
 
 install-browser:  ## Debian's chromium for the report and serving-page tests (root, or sudo; once per machine)
-	command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; }
+	command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }
 
 test:  ## the whole test suite, slow end-to-end tests included (what CI runs); the 25 slowest listed
 	$(PYTHON) -m pytest -m "slow or not slow" --durations=25
