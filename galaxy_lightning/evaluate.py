@@ -74,6 +74,7 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
             config["eval_batch_size"] = batch_size
         # a file larger than the memory available is streamed (as training may have done)
         config["in_memory"] = False if config.get("in_memory") is False else "auto"
+        config["device_resident"] = False  # one pass: nothing gained by keeping it on a GPU
         datamodule = construct(config, "data")
     with config_key("data"):
         datamodule.prepare_data()

@@ -132,9 +132,9 @@ def run_context(run_dir: Path) -> dict[str, Any]:
     overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
     names = list(metrics.get("class_names") or [])
     test = None
-    if metrics.get("test/acc") is not None and metrics.get("test/confusion_matrix"):
-        confusion = np.asarray(metrics["test/confusion_matrix"])
-        total, correct = int(confusion.sum()), int(np.trace(confusion))
+    confusion = np.asarray(metrics.get("test/confusion_matrix") or [[0]])
+    total, correct = int(confusion.sum()), int(np.trace(confusion))
+    if metrics.get("test/acc") is not None and total > 0:
         low, high = accuracy_interval(correct, total)
         test = {"acc": metrics["test/acc"], "acc_low": low, "acc_high": high, "n": total,
                 "ece": metrics.get("test/ece"), "ece_floor": metrics.get("test/ece_floor"),

@@ -36,12 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from PIL import Image
+
+from galaxy_lightning.data.images import FITS_SUFFIXES, RASTER_SUFFIXES
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError, cli_boundary
 
 log = logging.getLogger(__name__)
 
-FITS_SUFFIXES_SERVED = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fz")
-RASTER_SUFFIXES_SERVED = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,11 @@ class Classifier:
         """One uploaded file as the model-ready uint8 image (through a temporary file, so that
         it is read by the very code that reads training and prediction files)."""
         lower = name.lower()
-        suffix = next((s for s in (*FITS_SUFFIXES_SERVED, *RASTER_SUFFIXES_SERVED)
-                       if lower.endswith(s)), None)
+        suffix = next((s for s in (*FITS_SUFFIXES, *RASTER_SUFFIXES) if lower.endswith(s)), None)
         if suffix is None:
             raise UploadError(415, f"{name}: not a PNG, JPEG or FITS file name; the model takes "
                                    f"{self.info()['accepts']} cutouts")
-        is_fits = suffix in FITS_SUFFIXES_SERVED
+        is_fits = suffix in FITS_SUFFIXES
         if is_fits != (self.spec.stretch is not None):
             kind = "FITS fluxes" if self.spec.stretch is not None else "8-bit PNG/JPEG images"
             raise UploadError(415, f"{name}: this model was trained on {kind}; send those")
@@ -119,7 +119,10 @@ class Classifier:
                 image = self.readers[resize]([path])
             except ConfigError as err:  # the size: SizeMismatch
                 raise UploadError(422, _one_line(name, err, path) + " (or ask ?resize=true)") from None
+            except Image.DecompressionBombError as err:
+                raise UploadError(413, _one_line(name, err, path)) from None
             except (DataError, OSError, ValueError) as err:
+                # a readable FITS file the model cannot take (its bands) is 422; unreadable, 415
                 raise UploadError(422 if is_fits and "band" in str(err) else 415,
                                   _one_line(name, err, path)) from None
         return image
@@ -150,18 +153,21 @@ class Batcher:
         self.max_batch = max_batch
         self.wait = wait_ms / 1000
         self.queue: asyncio.Queue[tuple[np.ndarray, bool, asyncio.Future[np.ndarray]]] | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="galaxy-infer")
+        self.executor: ThreadPoolExecutor | None = None
         self.batches = 0
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        # (per start: an app served again, e.g. by a second test client, gets a live executor)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="galaxy-infer")
         self.queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, images: list[np.ndarray], tta: bool) -> np.ndarray:
         assert self.queue is not None, "the batcher runs inside the app's lifespan"
@@ -246,8 +252,19 @@ def create_app(classifier: Classifier, limits: Limits = Limits()) -> Any:
         try:
             form = await request.form(max_files=limits.max_files + 1, max_fields=16)
         except Exception as err:  # noqa: BLE001 (Starlette's parser errors, one line)
+            detail = " ".join(str(getattr(err, "detail", err)).split())
+            if "Too many files" in detail:
+                raise HTTPException(413, f"more than {limits.max_files} files in one request; "
+                                         "send several requests") from None
             raise HTTPException(400, "could not read the upload as multipart/form-data with "
-                                     f"files in the field 'files' ({' '.join(str(err).split())})") from None
+                                     f"files in the field 'files' ({detail})") from None
+        try:
+            return await _answer(form, tta, resize, include_image)
+        finally:
+            await form.close()
+
+    async def _answer(form: Any, tta: bool | None, resize: bool,
+                      include_image: bool) -> dict[str, Any]:
         uploads = [u for u in form.getlist("files") if hasattr(u, "read")]
         if not uploads:
             raise HTTPException(400, "no files: send images as multipart/form-data field 'files'")

@@ -23,6 +23,7 @@ import numpy as np
 
 from galaxy_lightning.data.images import (
     DEFAULT_STRETCH,
+    KIND_KEYS,
     NAN_POLICIES,
     check_stretch,
     is_fits,
@@ -43,8 +44,9 @@ class Column:
 
     @property
     def keys(self) -> str:
+        default = {**DEFAULT_STRETCH, **KIND_KEYS.get(self.params["kind"], {})}
         changed = [f"data.source.stretch.{k}={_value(v)}" for k, v in self.params.items()
-                   if v != DEFAULT_STRETCH[k]]
+                   if v != default[k]]
         return " ".join(changed) if changed else "(the default: no keys)"
 
 

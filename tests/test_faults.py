@@ -495,3 +495,5 @@ def test_a_run_resumed_into_a_new_directory_keeps_the_earlier_best(tmp_path: Pat
         plain = ModelCheckpoint(**options)
         plain.load_state_dict(dict(state))
     assert plain.best_model_score is None  # what Lightning alone keeps
+    # filed under ModelCheckpoint's key, so checkpoints of earlier versions restore into it
+    assert ours.state_key == plain.state_key

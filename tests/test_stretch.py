@@ -259,6 +259,10 @@ def test_each_stretch_prepares_its_own_file(tmp_path: Path) -> None:
     assert len(set(names.values())) == 4 and all(n.endswith(".prepared.h5") for n in names.values())
     assert stretch_tag({"interval": "zscale"}).startswith("asinh-zscale-")
     assert stretch_tag(dict(DEFAULT_STRETCH)) == ""  # the default spelled out is the default
+    # Lupton's Q belongs to kind=lupton only: other stretches (and the input specs, prepared
+    # files and checkpoints made with them before it existed) neither record nor hash it
+    assert "Q" not in check_stretch({"Q": 5.0}) and stretch_tag({"Q": 5.0}) == ""
+    assert check_stretch({"kind": "lupton"})["Q"] == 3.0
 
 
 def test_the_simulator_writes_survey_files(tmp_path: Path) -> None:

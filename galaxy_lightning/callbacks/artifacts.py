@@ -186,7 +186,8 @@ class RunArtifacts(L.Callback):
                 for conf, row, pred in kept]
         index = torch.tensor([r[2] for r in rows])
         ids = test.columns.get("id")
-        fig = mistakes_figure(test.images[index.to(test.images.device)].cpu().numpy(),
+        cells = test.images[index.to(test.images.device)].cpu().numpy()  # (read once, streamed)
+        fig = mistakes_figure(cells,
                               [r[0] for r in rows], [r[3] for r in rows], [r[1] for r in rows],
                               [str(ids[r[2]]) for r in rows] if ids is not None else None,
                               pl_module.class_names, self.examples_per_class,
@@ -194,7 +195,6 @@ class RunArtifacts(L.Callback):
         self._figure(trainer, fig, "test/most_confident_mistakes", "mistakes.png", dpi=100)
         # the same mistakes as data, for the report: each with its identity on the sky and the
         # image as the figure shows it (a small inline PNG)
-        cells = test.images[index.to(test.images.device)].cpu().numpy()
         records = []
         for (label, conf, row, pred), cell in zip(rows, cells):
             record = {"true": pl_module.class_names[label], "predicted": pl_module.class_names[pred],
@@ -204,7 +204,10 @@ class RunArtifacts(L.Callback):
                 column = test.columns.get(key)
                 if column is not None:
                     value = column[row]
-                    record[key] = float(value) if key != "id" else str(value)
+                    if key == "id":
+                        record[key] = str(value)
+                    elif np.isfinite(float(value)):  # an unknown position stays unknown (null)
+                        record[key] = float(value)
             records.append(record)
         write_atomic(self.output_dir / "mistakes.json", json.dumps(records, indent=1))
 

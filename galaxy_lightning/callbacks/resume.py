@@ -32,6 +32,12 @@ class BestCheckpoint(ModelCheckpoint):
     earlier best unless it beats it, exactly as the uninterrupted run does. Lightning never
     deletes a file outside this run's directory, so the earlier run's best stays where it is."""
 
+    @property
+    def state_key(self) -> str:
+        # the key Lightning files this callback's state under in a checkpoint: ModelCheckpoint's,
+        # so that checkpoints written before this class (and by plain ModelCheckpoint) resume
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("dirpath", self.dirpath) == self.dirpath:
             super().load_state_dict(state_dict)

@@ -371,6 +371,12 @@ class GalaxyDataModule(L.LightningDataModule):
                                 {k: v[idx.numpy()] for k, v in identity.items()})
             for name, idx in index.items()}
 
+    def teardown(self, stage: str | None = None) -> None:
+        """Close the prepared file where streamed splits read it in this process."""
+        for data in self._split_data.values():
+            if isinstance(data.images, H5Rows):
+                data.images.close()
+
     def split(self, name: str) -> TensorBatches:
         """The images (in memory, or read on demand) and labels of ``train``, ``val`` or
         ``test``."""

@@ -48,8 +48,10 @@ SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 #: one per band). ``kind: lupton`` is the colour composite of Lupton et al. (2004) for three
 #: bands (:func:`lupton_to_uint8`), ``Q`` its softening.
 DEFAULT_STRETCH: dict[str, Any] = {"kind": "asinh", "a": None, "interval": "sky",
-                                   "percentile": 99.5, "per_image": True, "vmin": None, "vmax": None,
-                                   "Q": 3.0}
+                                   "percentile": 99.5, "per_image": True, "vmin": None, "vmax": None}
+#: Keys of one kind only, with their defaults: a stretch of another kind neither needs nor records
+#: them (so adding one changes no existing stretch, prepared file or input spec).
+KIND_KEYS: dict[str, dict[str, Any]] = {"lupton": {"Q": 3.0}}
 #: The default before the sky interval: a stretch recorded in an input spec lacks only keys that
 #: did not exist when it was written, so it is completed with the defaults of that time (the
 #: interval was a percentile of all pixels), and an old model stretches new images as it was
@@ -73,10 +75,14 @@ def is_fits(path: str | Path) -> bool:
 
 def check_stretch(stretch: Mapping[str, Any]) -> dict[str, Any]:
     """The stretch parameters completed with defaults and checked."""
-    unknown = sorted(set(stretch) - set(DEFAULT_STRETCH))
+    known = set(DEFAULT_STRETCH).union(*KIND_KEYS.values())
+    unknown = sorted(set(stretch) - known)
     if unknown:
-        raise ConfigError(f"stretch has unknown keys {unknown}; known: {sorted(DEFAULT_STRETCH)}")
-    out = {**DEFAULT_STRETCH, **stretch}
+        raise ConfigError(f"stretch has unknown keys {unknown}; known: {sorted(known)}")
+    kind = stretch.get("kind", DEFAULT_STRETCH["kind"])
+    own = KIND_KEYS.get(kind, {})
+    out = {**DEFAULT_STRETCH, **own,
+           **{k: v for k, v in stretch.items() if k in DEFAULT_STRETCH or k in own}}
     if out["kind"] not in STRETCHES:
         raise ConfigError(f"stretch.kind={out['kind']!r} must be one of {list(STRETCHES)}")
     if out["interval"] not in INTERVALS:
@@ -85,7 +91,7 @@ def check_stretch(stretch: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"stretch.a={out['a']} must be positive (or null for astropy's default)")
     if not 50 < float(out["percentile"]) <= 100:
         raise ConfigError(f"stretch.percentile={out['percentile']} must be in (50, 100]")
-    if not float(out["Q"]) > 0:
+    if "Q" in out and not float(out["Q"]) > 0:
         raise ConfigError(f"stretch.Q={out['Q']} must be positive (how strongly Lupton's "
                           "stretch lifts the faint end; 3 by default)")
     if out["interval"] == "manual" and (out["vmin"] is None or out["vmax"] is None):
