@@ -299,7 +299,7 @@ def test_a_run_on_fits_is_no_worse_than_on_the_8bit_images_of_the_same_sources(
                        f"data.source.image_columns=['{column}']", "data.source.label_column=label",
                        "data.source.split_column=split", "data.source.id_column=objid",
                        f"data.source.prepared_name=survey_{name}.h5", "data.batch_size=32", "data.augment=[dihedral]", "model=bn_cnn", "optimizer=adamw",
-                       "optimizer.lr=0.003", "trainer.max_steps=400", "trainer.val_check_interval=200",
+                       "optimizer.lr=0.003", "trainer.max_steps=300", "trainer.val_check_interval=150",
                        "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
                        "callbacks.progress_bar.every_n_steps=1000", "logger=none", "seed=0",
                        run=name, tiny=False)
