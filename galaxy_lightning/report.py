@@ -184,7 +184,7 @@ def _read_mistakes(path: Path) -> list[dict[str, Any]]:
 
 def sweep_context(sweep_dir: Path) -> dict[str, Any]:
     """The sweep page: its jobs (each linking to its report) and, over repeats, its configurations."""
-    from galaxy_lightning.sweep import REPEATS, group_by_config, summarize
+    from galaxy_lightning.sweep import REPEATS, config_of, group_by_config, summarize
 
     rows = summarize(sweep_dir)
     if not rows:
@@ -200,10 +200,8 @@ def sweep_context(sweep_dir: Path) -> dict[str, Any]:
     groups = group_by_config(rows)
     members: dict[str, list[dict[str, str]]] = {}
     for r, row in zip(rows, shown):  # each configuration's repeats, linked to their reports
-        config = " ".join(o for o in r["all_overrides"].split()
-                          if not o.startswith((*REPEATS, "paths.", "hydra."))) or "(defaults)"
         if row["report"]:
-            members.setdefault(config, []).append(
+            members.setdefault(config_of(r["all_overrides"]), []).append(
                 {"label": " ".join(o for o in r["all_overrides"].split() if o.startswith(REPEATS))
                  or r["job"], "report": row["report"]})
     common = set.intersection(*(set(g["config"].split()) for g in groups)) if groups else set()
@@ -234,7 +232,9 @@ def render(context: dict[str, Any]) -> str:
 
 
 def is_sweep(directory: Path) -> bool:
-    return not (directory / "metrics.json").is_file() and any(directory.glob("*/.hydra/config.yaml"))
+    from galaxy_lightning.sweep import job_dirs
+
+    return not (directory / "metrics.json").is_file() and bool(job_dirs(directory))
 
 
 def write_report(directory: str | Path, jobs: bool = True) -> Path:
@@ -245,7 +245,9 @@ def write_report(directory: str | Path, jobs: bool = True) -> Path:
         raise DataError(f"{directory}: no such directory; give a run or sweep directory")
     if is_sweep(directory):
         if jobs:
-            for job in sorted(p.parent.parent for p in directory.glob("*/.hydra/config.yaml")):
+            from galaxy_lightning.sweep import job_dirs
+
+            for job in sorted(job_dirs(directory)):
                 if (job / "metrics.json").is_file():
                     write_report(job)
         context = sweep_context(directory)

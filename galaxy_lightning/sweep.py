@@ -119,6 +119,13 @@ def summary_statistics(values: list[float]) -> dict[str, float | None]:
             "min": min(values), "max": max(values)}
 
 
+def config_of(overrides: str) -> str:
+    """A job's configuration: its overrides without ``seed=`` and ``data.fold=`` (what repeats
+    vary) and without ``paths.*`` and ``hydra.*`` (which say where, not what)."""
+    return " ".join(o for o in overrides.split()
+                    if not o.startswith((*REPEATS, "paths.", "hydra."))) or "(defaults)"
+
+
 def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished jobs grouped by their overrides without ``seed=`` and ``data.fold=`` (and
     without ``paths.*`` and ``hydra.*``, which say where, not what): :func:`summary_statistics`
@@ -127,9 +134,7 @@ def group_by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in sorted(rows, key=lambda r: _sweep_order(Path(r["job"]))):
         if r["status"] != "done" or r["test/acc"] is None:
             continue
-        config = " ".join(o for o in r["all_overrides"].split()
-                          if not o.startswith((*REPEATS, "paths.", "hydra."))) or "(defaults)"
-        groups.setdefault(config, []).append(r)
+        groups.setdefault(config_of(r["all_overrides"]), []).append(r)
     out = []
     for config, members in groups.items():
         minutes = [m["fit_minutes"] for m in members if m["fit_minutes"] is not None]
