@@ -22,6 +22,7 @@ The catalog and the images are only read, never modified.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -45,7 +46,15 @@ from galaxy_lightning.data.images import (
     stretch_tag,
     stretch_warning,
 )
-from galaxy_lightning.data.prepared import PreparedWriter, announce, prepare_once
+from galaxy_lightning.data.prepared import (
+    PreparedWriter,
+    announce,
+    combine_parts,
+    part_path,
+    prepare_once,
+    provenance_matches,
+    read_info,
+)
 from galaxy_lightning.data.selection import (
     UNKNOWN_SPLIT,
     as_text,
@@ -63,8 +72,21 @@ from galaxy_lightning.input_spec import InputSpec, check_source_options
 PREPARATION_VERSION = 2
 #: Images read to estimate fixed stretch limits (``stretch.per_image=false`` without vmin/vmax).
 LIMIT_SAMPLE = 64
+#: Images written between two resume points of a preparation (and the size of its writes).
+WRITE_BLOCK = 256
 #: How far the vote fractions of one question may sum from 1 before the row is refused.
 VOTE_SUM_TOLERANCE = 0.02
+
+
+def check_part(part: tuple[int, int] | str) -> tuple[int, int]:
+    """``(k, n)`` or ``"k/n"``: part k (0-based) of n; refused in one line when out of range."""
+    try:
+        k, n = (int(v) for v in (part.split("/") if isinstance(part, str) else part))
+    except (ValueError, TypeError):
+        raise ConfigError(f"--part {part!r}: give K/N, part K (0 to N-1) of N, e.g. 3/16") from None
+    if not 0 <= k < n:
+        raise ConfigError(f"--part {k}/{n}: K must be 0 to {n - 1} (N at least 1), e.g. 0/{max(n, 1)}")
+    return k, n
 
 
 def read_table(path: Path) -> Any:
@@ -335,10 +357,17 @@ class CatalogSource:
         tag = stretch_tag(self.stretch)
         return Path(data_dir) / f"{Path(self.catalog).stem}{'.' + tag if tag else ''}.prepared.h5"
 
-    def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
+    def prepare(self, data_dir: str | Path, progress: bool = True,
+                part: tuple[int, int] | None = None) -> Path:
         """Return the prepared file, building it first if it is missing or stale (the catalog
         changed, or a parameter did). Images changed in place are not detected: delete the
-        prepared file to rebuild it."""
+        prepared file to rebuild it.
+
+        ``part=(k, n)`` prepares only the k-th (0-based) of n equal slices of the images, into
+        its own file (:func:`~.prepared.part_path`), so that n processes or cluster jobs can share
+        the work; a later call without ``part`` finds the n finished parts and combines them
+        (:func:`~.prepared.combine_parts`: the pixels stay in the parts). Every preparation, whole
+        or part, resumes after a kill from its last block of WRITE_BLOCK images."""
         data_dir = Path(data_dir)
         catalog = self._path(self.catalog, data_dir)
         assert catalog is not None
@@ -349,8 +378,70 @@ class CatalogSource:
                     "mtime_ns": st.st_mtime_ns if st else None,
                     "image_roots": [str(r.resolve()) for r in roots if r is not None]}
         expected = {"source": identity, "params": self.params}
-        return prepare_once(self.prepared_path(data_dir), expected, lambda target: self._convert(
-            catalog, [r for r in roots if r is not None], target, expected, progress))
+        found = [r for r in roots if r is not None]
+        target = self.prepared_path(data_dir)
+        if part is not None:
+            k, n = check_part(part)
+            return prepare_once(part_path(target, k, n), {**expected, "part": [k, n]},
+                                lambda path: self._convert(catalog, found, path, expected,
+                                                           progress, (k, n)))
+
+        def make(path: Path) -> None:
+            parts = self._finished_parts(path, expected)
+            if parts:
+                self._combine(path, parts, expected, progress)
+            else:
+                self._convert(catalog, found, path, expected, progress)
+
+        return prepare_once(target, expected, make)
+
+    @staticmethod
+    def _finished_parts(target: Path, expected: dict[str, Any]) -> list[Path]:
+        """The part files of ``target`` of this provenance when all n are there; [] when there
+        are none; refused in one line when only some are (a part still running, or failed)."""
+        found: dict[int, set[int]] = {}
+        for file in target.parent.glob(part_path(target, 0, 1).name.replace(
+                "part-00000-of-00001", "part-*-of-*")):
+            match = re.search(r"\.part-(\d+)-of-(\d+)\.h5$", file.name)
+            if match is None:
+                continue
+            k, n = int(match[1]), int(match[2])
+            if k < n and provenance_matches(file, {**expected, "part": [k, n]}):
+                found.setdefault(n, set()).add(k)
+        for n, done in sorted(found.items(), key=lambda item: -len(item[1]) / item[0]):
+            if len(done) == n:
+                return [part_path(target, k, n) for k in range(n)]
+            missing = sorted(set(range(n)) - done)
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise DataError(f"{target}: {len(done)} of {n} part files are prepared; parts "
+                            f"{shown} are missing or unfinished: run galaxy-prepare --part K/{n} "
+                            "for each (or delete the part files to prepare in one process)")
+        return []
+
+    def _combine(self, target: Path, parts: list[Path], expected: dict[str, Any],
+                 progress: bool) -> None:
+        """The prepared file from its finished parts: their counts added up, the class minimum
+        checked over all of them, the pixels left in the parts."""
+        infos = [read_info(p) for p in parts]
+        names = infos[0].class_names
+        counts = [info.provenance["counts"] for info in infos]
+        per_class = {name: sum(c["per_class"][name] for c in counts) for name in names}
+        self._check_per_class(target, per_class)
+        total = sum(info.num_images for info in infos)
+        announce(f"combining {len(parts)} parts into {target.name}: {total} images (the pixels "
+                 "stay in the part files; keep them beside it)", progress)
+        whole = {key: counts[0][key] for key in ("catalog_rows", "dropped", "missing_files")}
+        provenance = {**expected, "class_names": names,
+                      "counts": {**whole, "unreadable": sum(c["unreadable"] for c in counts),
+                                 "per_class": per_class}}
+        combine_parts(target, parts, provenance)
+
+    def _check_per_class(self, catalog: Path, per_class: dict[str, int]) -> None:
+        few = [f"{n} ({c})" for n, c in per_class.items() if c < self.min_per_class]
+        if few:
+            raise DataError(f"{catalog}: classes with fewer than {self.min_per_class} readable "
+                            f"images: {', '.join(few)}; drop them with classes=[...] or add "
+                            "images")
 
     # -- the steps ---------------------------------------------------------------------------------
     def _labels(self, table: Any, path: Path) -> tuple[np.ndarray, list[str], np.ndarray | None,
@@ -465,8 +556,9 @@ class CatalogSource:
         return ImageReader(self.channels, self.fits_hdu, self.nan, stretch if fits else None)
 
     def _convert(self, catalog: Path, roots: list[Path], target: Path, expected: dict[str, Any],
-                 progress: bool) -> None:
-        """Write the prepared file: choose the rows, find and read their images, stream them in."""
+                 progress: bool, part: tuple[int, int] | None = None) -> None:
+        """Write the prepared file (or one part of it): choose the rows, find and read their
+        images, stream them in."""
         table = read_table(catalog)
         if len(table) == 0:
             raise DataError(f"{catalog}: the catalog has no rows")
@@ -481,18 +573,30 @@ class CatalogSource:
         notes = [f"{k.replace('_', ' ')} {v}" for k, v in chosen.dropped.items() if v]
         notes += [f"missing files {len(missing)}"] if missing else []
         dropped = f" (dropped: {', '.join(notes)})" if notes else ""
-        announce(f"preparing {target.name} from {catalog.name}: {len(jobs)} images of "
-                 f"{chosen.catalog_rows} rows{dropped}", progress)
         provenance = {**expected, "class_names": chosen.names}
-        unreadable, looks = self._write(target, catalog, reader, jobs, chosen, columns,
-                                        provenance, len(missing), progress)
+        of = ""
+        if part is not None:  # the same rows, reader and spec as the whole; a slice of the images
+            k, n = part
+            start, stop = len(jobs) * k // n, len(jobs) * (k + 1) // n
+            if start == stop:
+                raise DataError(f"{catalog}: part {k} of {n} has no images ({len(jobs)} in all); "
+                                "use fewer parts")
+            of = f"images {start}..{stop - 1} of "
+            jobs = jobs[start:stop]
+            provenance["part"] = [k, n]
+        announce(f"preparing {target.name} from {catalog.name}: {of}{len(jobs)} images of "
+                 f"{chosen.catalog_rows} rows{dropped}", progress)
+        resume = json.dumps({"provenance": provenance, "images": len(jobs)}, sort_keys=True)
+        examples, unreadable, looks = self._write(target, catalog, reader, jobs, chosen, columns,
+                                                  provenance, len(missing), progress, resume)
         # FITS: warn once when most stretched images are saturated or sky-grey (images.py's rule)
         warning = stretch_warning(*looks) if spec.stretch is not None else None
         if warning:
             announce(f"{target.name}: {warning}", progress, logging.WARNING)
-        for what, items in (("missing", missing), ("unreadable", unreadable)):
-            if items:
-                note = (f"{target.name}: skipped {len(items)} {what} image(s), e.g. "
+        for what, count, items in (("missing", len(missing), missing),
+                                   ("unreadable", unreadable, examples)):
+            if count:
+                note = (f"{target.name}: skipped {count} {what} image(s), e.g. "
                         f"{'; '.join(items[:3])}")
                 announce(note, progress, logging.WARNING)
 
@@ -532,47 +636,63 @@ class CatalogSource:
     def _write(self, target: Path, catalog: Path, reader: ImageReader,
                jobs: list[tuple[int, tuple[Path, ...]]], chosen: _ChosenRows,
                columns: dict[str, np.ndarray], provenance: dict[str, Any], missing: int,
-               progress: bool) -> tuple[list[str], tuple[int, int, int]]:
+               progress: bool, resume: str) -> tuple[list[str], int, tuple[int, int, int]]:
         """Stream the images of ``jobs`` into the prepared file, read in worker processes for
-        long lists; return the errors of the images that could not be read (skipped), and how
-        many were written, saturated and sky-grey (:func:`~.images.stretch_looks`)."""
+        long lists, resumably (``resume``: the writer's key): after every block the writer
+        records how many jobs are done, so a killed preparation goes on from there. Return up to
+        three errors of the images that could not be read (skipped), how many there were, and
+        how many images were written, saturated and sky-grey (:func:`~.images.stretch_looks`)."""
         workers = self.workers if self.workers is not None else (
             min(os.cpu_count() or 1, 8) if len(jobs) >= 256 else 0)
-        unreadable: list[str] = []
-        written: list[np.ndarray] = []
-        looks = np.zeros(2, dtype=np.int64)
         with PreparedWriter(target, len(jobs), reader.spec, provenance, tuple(columns),
-                            at_most=True) as writer, \
+                            at_most=True, resume=resume) as writer, \
                 console.progress(total=len(jobs), unit="img", desc=f"preparing {target.name}",
                                  enabled=progress) as bar:
-            for block in self._readable(read_images(reader, jobs, workers), bar, unreadable):
-                index = np.array([i for i, _ in block])
+            state = {"done": 0, "unreadable": 0, "examples": [], "looks": [0, 0], **writer.state}
+            if state["done"]:
+                announce(f"resuming {target.name} at image {state['done']} of {len(jobs)} "
+                         "(a killed preparation of the same catalog and settings)", progress)
+                bar.update(state["done"])
+            start = state["done"]
+            unreadable: list[str] = []
+            for block, consumed in self._readable(read_images(reader, jobs[start:], workers),
+                                                  bar, unreadable, WRITE_BLOCK):
+                index = np.array([i for i, _ in block], dtype=np.int64)
                 labels = chosen.labels[chosen.rows[index]]
-                images = np.stack([img for _, img in block])
-                writer.write(images, labels, **{k: v[index] for k, v in columns.items()})
-                written.append(labels)
+                images = np.stack([img for _, img in block]) if block else \
+                    np.zeros((0, *writer.image_shape), np.uint8)
+                if block:
+                    writer.write(images, labels, **{k: v[index] for k, v in columns.items()})
                 if reader.spec.stretch is not None:  # FITS: how the stretch came out
-                    looks += stretch_looks(images)
-            counts = np.bincount(np.concatenate(written) if written else np.zeros(0, np.int64),
-                                 minlength=len(chosen.names))
-            few = [f"{n} ({c})" for n, c in zip(chosen.names, counts) if c < self.min_per_class]
-            if few:
-                raise DataError(f"{catalog}: classes with fewer than {self.min_per_class} readable "
-                                f"images: {', '.join(few)}; drop them with classes=[...] or add "
-                                "images")
+                    state["looks"] = (np.asarray(state["looks"]) + stretch_looks(images)).tolist()
+                state["done"] = start + consumed
+                state["unreadable"] += len(unreadable)
+                state["examples"] = (state["examples"] + unreadable)[:3]
+                unreadable.clear()
+                writer.checkpoint(state)
+            counts = np.bincount(writer.written_labels(), minlength=len(chosen.names))
+            if "part" not in provenance:  # a part's classes are checked when they are combined
+                self._check_per_class(catalog, dict(zip(chosen.names, counts.tolist())))
             provenance["counts"] = {"catalog_rows": chosen.catalog_rows, "dropped": chosen.dropped,
-                                    "missing_files": missing, "unreadable": len(unreadable),
+                                    "missing_files": missing, "unreadable": state["unreadable"],
                                     "per_class": dict(zip(chosen.names, counts.tolist()))}
             writer.provenance = provenance
-        return unreadable, (int(counts.sum()), int(looks[0]), int(looks[1]))
+        looks = state["looks"]
+        return state["examples"], state["unreadable"], (int(counts.sum()), int(looks[0]),
+                                                        int(looks[1]))
 
     def _readable(self, results: Iterable[tuple[int, np.ndarray | GalaxyError]], bar: Any,
-                  unreadable: list[str], size: int = 256) -> Iterator[list[tuple[int, np.ndarray]]]:
-        """Blocks of up to ``size`` (index, image) read; an unreadable image is fatal
-        (``on_error=error``) or skipped, its error appended to ``unreadable``."""
+                  unreadable: list[str], size: int
+                  ) -> Iterator[tuple[list[tuple[int, np.ndarray]], int]]:
+        """Blocks of up to ``size`` (index, image) read, each with the number of results consumed
+        so far; an unreadable image is fatal (``on_error=error``) or skipped, its error appended
+        to ``unreadable``. The last block may be empty (only unreadable images after the last
+        full block)."""
         block: list[tuple[int, np.ndarray]] = []
+        consumed = 0
         for index, result in results:
             bar.update(1)
+            consumed += 1
             if isinstance(result, Exception):
                 if self.on_error == "error":
                     raise DataError(f"{result}; fix or remove the file, or set on_error=skip")
@@ -580,10 +700,10 @@ class CatalogSource:
                 continue
             block.append((index, result))
             if len(block) >= size:
-                yield block
+                yield block, consumed
                 block = []
-        if block:
-            yield block
+        if block or unreadable:
+            yield block, consumed
 
     def _first_image(self, reader: ImageReader, jobs: list[tuple[int, tuple[Path, ...]]]
                      ) -> np.ndarray:

@@ -19,6 +19,9 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -459,6 +462,16 @@ def _read_chunk(reader: ImageReader, chunk: list[tuple[int, Sequence[Path]]]
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # each worker process reads and resizes on its own core
+    # A parent killed outright (SIGKILL, the OOM killer) cannot shut its pool down; its workers
+    # would wait for work forever, holding the files it had open. They leave within a second.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def read_images(reader: ImageReader, jobs: Sequence[tuple[int, Sequence[Path]]], workers: int = 0,

@@ -18,7 +18,14 @@ class names and the provenance.
 Files are written to a temporary name beside the target and renamed into place only when
 complete, so a crash never leaves a half-written file that a later run could take for a good one.
 Every source makes its file through :func:`prepare_once`: reused while the provenance matches,
-made by one process at a time otherwise.
+made by one process at a time otherwise. A source that reads its rows in a fixed order (a
+catalog) writes resumably: its temporary file ``.<name>.partial`` records how far it got after
+every block, and a preparation killed at row 250,000 goes on from there.
+
+A file may also be *combined* from part files (:func:`combine_parts`: the parts of one
+preparation split over several processes or cluster jobs): its ``images`` is then an HDF5
+virtual dataset over the parts' images (the pixels are not copied), and the part files must stay
+beside it (checked whenever the file is opened).
 """
 
 from __future__ import annotations
@@ -100,11 +107,17 @@ class PreparedWriter:
     ``columns`` names the optional per-row columns (:data:`COLUMNS`) every block will carry.
     ``num_images`` is exact, or with ``at_most`` an upper bound (a source that skips unreadable
     images): the file then holds the rows written.
+
+    ``resume`` (a key naming exactly what is written: provenance, rows, part) makes the writer
+    resumable: the temporary file is ``.<name>.partial``, :meth:`checkpoint` records the rows
+    written and the caller's ``state`` in it (flushed), and it survives a kill or Ctrl-C. A later
+    writer with the same key opens it again with :attr:`rows` and :attr:`state` as recorded, so
+    the caller continues from there; a partial file of another key is discarded.
     """
 
     def __init__(self, path: str | os.PathLike[str], num_images: int, spec: InputSpec,
                  provenance: dict[str, Any], columns: tuple[str, ...] = (),
-                 at_most: bool = False) -> None:
+                 at_most: bool = False, resume: str | None = None) -> None:
         if num_images <= 0:
             raise DataError(f"{path}: refusing to write a prepared file with no images")
         unknown = sorted(set(columns) - set(COLUMNS))
@@ -117,9 +130,21 @@ class PreparedWriter:
         self.provenance = provenance
         self.columns = tuple(columns)
         self.at_most = at_most
-        self._tmp = temporary_path(self.path)  # renamed into place on success only
+        self.resume = resume
+        # renamed into place on success only
+        self._tmp = partial_path(self.path) if resume is not None else temporary_path(self.path)
+        # (HDF5's own file locking is off for the file being written: the target's file_lock
+        # already admits one writer, and reader processes forked while it is open, whose parent
+        # may be killed, must not keep a resumed writer out)
         self._file: h5py.File | None = None
         self._rows = 0
+        #: what the caller recorded with the last :meth:`checkpoint` of a resumed partial file
+        self.state: dict[str, Any] = {}
+
+    @property
+    def rows(self) -> int:
+        """Rows written so far (on entry: those a resumed partial file already holds)."""
+        return self._rows
 
     def __enter__(self) -> PreparedWriter:
         # Temporary files of this target left by a killed writer (a live one holds the target's
@@ -128,11 +153,17 @@ class PreparedWriter:
             stale.unlink(missing_ok=True)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = h5py.File(self._tmp, "w")
+            if self._reopen():
+                return self
+            self._tmp.unlink(missing_ok=True)
+            self._file = h5py.File(self._tmp, "w", locking=False)
         except OSError as err:
             self._tmp.unlink(missing_ok=True)
             raise DataError(f"cannot write {self.path} ({err.strerror or err}); choose a writable "
                             "data directory (paths.data_dir) with free space") from None
+        if self.resume is not None:
+            self._file.attrs["resume_key"] = self.resume
+            self._file.attrs["resume_rows"] = 0
         f = self._file
         rows = min(self.num_images, 256)
         grow = {"maxshape": (None, *self.image_shape)} if self.at_most else {}
@@ -146,16 +177,53 @@ class PreparedWriter:
                              **({"maxshape": (None, *tail)} if self.at_most else {}))
         return self
 
+    def _reopen(self) -> bool:
+        """Open the partial file of a killed writer of the same key; False if there is none."""
+        if self.resume is None or not self._tmp.is_file():
+            return False
+        try:
+            f = h5py.File(self._tmp, "r+", locking=False)
+        except OSError:  # killed in the middle of writing its metadata: start again
+            return False
+        try:
+            if f.attrs.get("resume_key") != self.resume or "images" not in f or \
+                    f["images"].shape[1:] != self.image_shape:
+                f.close()
+                return False
+            self._rows = int(f.attrs["resume_rows"])
+            self.state = json.loads(f.attrs.get("resume_state", "{}"))
+        except (OSError, KeyError, ValueError):
+            f.close()
+            return False
+        self._file = f
+        return True
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        """Record the rows written and the caller's ``state`` (JSON-able) in the partial file and
+        flush it, so that a kill after this point resumes here (resumable writers only)."""
+        assert self._file is not None and self.resume is not None
+        self._file.attrs["resume_rows"] = self._rows
+        self._file.attrs["resume_state"] = json.dumps(state)
+        try:
+            self._file.flush()
+        except OSError as err:
+            raise DataError(f"cannot write {self.path} ({err.strerror or err}); free space in the "
+                            "data directory (paths.data_dir) or choose another") from None
+
+    def written_labels(self) -> np.ndarray:
+        """The labels of the rows written so far (including those of a resumed partial file)."""
+        assert self._file is not None
+        return self._file["labels"][:self._rows]
+
     def _write_attributes(self) -> None:
         """The header, written last: a source may add results (counts) to the provenance while
         it writes."""
         assert self._file is not None
         f = self._file
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["input_spec"] = json.dumps(self.spec.to_dict(), sort_keys=True)
-        f.attrs["class_names"] = json.dumps(list(self.spec.class_names))
-        f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
+        for key in ("resume_key", "resume_rows", "resume_state"):
+            if key in f.attrs:
+                del f.attrs[key]
+        _write_header(f, self.spec, self.provenance)
 
     def write(self, images: np.ndarray, labels: np.ndarray, **columns: np.ndarray | None) -> None:
         """Append a block of rows: images uint8 (n, H, W, C), labels (n,) in 0..K-1, and one
@@ -198,6 +266,10 @@ class PreparedWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         assert self._file is not None
+        if self.resume is not None and exc_type is not None and \
+                issubclass(exc_type, KeyboardInterrupt):
+            self._file.close()  # Ctrl-C: kept, the same command goes on from the last checkpoint
+            return
         if exc_type is None and self.at_most and 0 < self._rows < self.num_images:
             for name in ("images", "labels", *self.columns):
                 self._file[name].resize(self._rows, axis=0)
@@ -222,6 +294,68 @@ class PreparedWriter:
             self._tmp.unlink(missing_ok=True)
             raise DataError(f"cannot write {self.path} ({err.strerror or err}); choose a writable "
                             "data directory (paths.data_dir)") from None
+
+
+def _write_header(f: h5py.File, spec: InputSpec, provenance: dict[str, Any]) -> None:
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["input_spec"] = json.dumps(spec.to_dict(), sort_keys=True)
+    f.attrs["class_names"] = json.dumps(list(spec.class_names))
+    f.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a resumable writer keeps the rows of ``path`` written so far."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def part_path(path: Path, part: int, parts: int) -> Path:
+    """The file of part ``part`` (0-based) of ``parts`` of the prepared file ``path``:
+    ``<name>.part-00003-of-00016.h5`` beside it."""
+    stem = path.name[:-3] if path.name.endswith(".h5") else path.name
+    return path.with_name(f"{stem}.part-{part:05d}-of-{parts:05d}.h5")
+
+
+def combine_parts(target: Path, parts: list[Path], provenance: dict[str, Any]) -> None:
+    """Write ``target`` as the rows of ``parts`` (prepared files of one spec, in order) one after
+    another, with this ``provenance``: its ``images`` is a virtual dataset over the parts' images
+    (named relative to ``target``'s folder, so the folder can move as a whole), the small per-row
+    columns are copied. Readers see the same arrays as a file written in one go."""
+    infos = [read_info(p) for p in parts]
+    first = infos[0]
+    for info in infos[1:]:
+        if info.spec != first.spec or info.columns != first.columns:
+            raise DataError(f"{info.path}: its input spec or columns differ from those of "
+                            f"{first.path.name}; delete the part files and prepare them again")
+    n = sum(info.num_images for info in infos)
+    shape = (first.height, first.width, first.channels)
+    tmp = temporary_path(target)
+    try:
+        with h5py.File(tmp, "w") as f:
+            layout = h5py.VirtualLayout((n, *shape), np.uint8)
+            start = 0
+            for info in infos:
+                name = os.path.relpath(info.path, target.parent)
+                layout[start:start + info.num_images] = h5py.VirtualSource(
+                    name, "images", shape=(info.num_images, *shape))
+                start += info.num_images
+            f.create_virtual_dataset("images", layout)
+            for name in ("labels", *first.columns):
+                values = []
+                for info in infos:
+                    with h5py.File(info.path, "r") as part:
+                        values.append(part[name][...])
+                f.create_dataset(name, data=np.concatenate(values),
+                                 dtype=np.int64 if name == "labels" else COLUMNS[name])
+            _write_header(f, first.spec, provenance)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {target} ({err.strerror or err}); choose a writable data "
+                        "directory (paths.data_dir) with free space") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -296,6 +430,14 @@ def _info(path: Path, f: h5py.File) -> PreparedInfo:
         if key not in f:
             raise DataError(f"{path}: key '{key}' is missing; {fix}")
     images, labels = f["images"], f["labels"]
+    if images.is_virtual:  # combined from part files (combine_parts): they must be there
+        for source in images.virtual_sources():
+            part = Path(source.file_name)
+            part = part if part.is_absolute() else path.parent / part
+            if not part.is_file():
+                raise DataError(f"{path}: its images are in the part file {part}, which is "
+                                "missing; keep the part files beside it, or delete "
+                                f"{path.name} so that it is prepared again")
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f"{path}: 'images' must be uint8 (N, H, W, C), found {images.dtype} "
                         f"{images.shape}; {fix}")
