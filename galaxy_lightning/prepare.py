@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
 
 from galaxy_lightning.config import CONFIG_PACKAGE, construct, validate_config
 from galaxy_lightning.data.catalog import check_part
@@ -39,6 +41,8 @@ def prepare(overrides: list[str], part: str | None = None, progress: bool = True
                           "e.g. data=catalog data.source.catalog=my.csv") from None
     finally:
         GlobalHydra.instance().clear()
+    with open_dict(cfg):  # no run directory: preparing writes only into the data directory
+        cfg.paths.output_dir = os.getcwd()
     validate_config(cfg)
     source = construct(cfg.data.source, "data.source")
     data_dir = Path(str(cfg.data.data_dir))
