@@ -574,17 +574,17 @@ class CatalogSource:
         notes += [f"missing files {len(missing)}"] if missing else []
         dropped = f" (dropped: {', '.join(notes)})" if notes else ""
         provenance = {**expected, "class_names": chosen.names}
-        of = ""
+        of, total = "", len(jobs)
         if part is not None:  # the same rows, reader and spec as the whole; a slice of the images
             k, n = part
             start, stop = len(jobs) * k // n, len(jobs) * (k + 1) // n
             if start == stop:
                 raise DataError(f"{catalog}: part {k} of {n} has no images ({len(jobs)} in all); "
                                 "use fewer parts")
-            of = f"images {start}..{stop - 1} of "
+            of = f"part {k} of {n}: images {start}..{stop - 1} of the "
             jobs = jobs[start:stop]
             provenance["part"] = [k, n]
-        announce(f"preparing {target.name} from {catalog.name}: {of}{len(jobs)} images of "
+        announce(f"preparing {target.name} from {catalog.name}: {of}{total} images of "
                  f"{chosen.catalog_rows} rows{dropped}", progress)
         resume = json.dumps({"provenance": provenance, "images": len(jobs)}, sort_keys=True)
         examples, unreadable, looks = self._write(target, catalog, reader, jobs, chosen, columns,
