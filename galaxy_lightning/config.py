@@ -208,6 +208,13 @@ def validate_config(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps", -1)
     _require(isinstance(max_steps, int) and (max_steps == -1 or max_steps >= 1),
              f"trainer.max_steps={max_steps} must be -1 (no limit) or a positive integer")
+    length = cfg.get("length")
+    _require(length is None or (isinstance(length, DictConfig) and set(length) == {"epochs", "min_steps"}
+                                and isinstance(length.epochs, int) and length.epochs >= 1
+                                and isinstance(length.min_steps, int) and length.min_steps >= 0),
+             f"length={OmegaConf.to_container(length) if isinstance(length, DictConfig) else length} "
+             "must be null or {epochs: E, min_steps: S} with E >= 1 and S >= 0, e.g. "
+             "'length={epochs: 30, min_steps: 1500}'")
     interval = cfg.trainer.get("val_check_interval", None)
     _require(interval is None or (isinstance(interval, (int, float)) and interval > 0),
              f"trainer.val_check_interval={interval} must be positive")

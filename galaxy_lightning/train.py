@@ -30,7 +30,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from galaxy_lightning import perf
 from galaxy_lightning.calibration import calibrate, store_in_checkpoint
@@ -105,6 +105,24 @@ def prepare_data(datamodule: GalaxyDataModule) -> None:
         datamodule.prepare_data()
 
 
+def apply_length(cfg: DictConfig, datamodule: GalaxyDataModule, trainer: L.Trainer) -> None:
+    """Set the run's number of steps from its training set (``length``) when ``trainer.max_steps``
+    is -1: ``max(min_steps, epochs x batches per epoch)``. A fixed number of steps trains a
+    1,500-image set for hundreds of epochs (over-fitting most of the run) and a large one for
+    few; an epoch count with a floor gives each what it needs. Before :func:`build_module`, so
+    that the schedule (``${trainer.max_steps}``) is sized to the same number."""
+    length = cfg.get("length")
+    if not length or cfg.trainer.get("max_steps", -1) != -1:
+        return
+    per_epoch = datamodule.train_batches_per_epoch(trainer.world_size)
+    steps = max(int(length.min_steps), int(length.epochs) * per_epoch)
+    with open_dict(cfg):
+        cfg.trainer.max_steps = steps
+    trainer.fit_loop.epoch_loop.max_steps = steps  # (what Trainer(max_steps=...) sets)
+    log.info("length: %d steps (%d epochs of %d batches, at least %d steps)", steps,
+             int(length.epochs), per_epoch, int(length.min_steps))
+
+
 def build_module(cfg: DictConfig, datamodule: GalaxyDataModule) -> GalaxyClassifier:
     """The classifier, sized from the prepared data's input spec (:func:`prepare_data` first)."""
     module = GalaxyClassifier(model=resolved(cfg.model), input_spec=datamodule.spec.to_dict(),
@@ -120,6 +138,7 @@ def build_and_prepare(cfg: DictConfig) -> tuple[GalaxyDataModule, GalaxyClassifi
     everything a ``trainer.fit(module, datamodule=datamodule)`` needs."""
     datamodule, trainer = build(cfg)
     prepare_data(datamodule)
+    apply_length(cfg, datamodule, trainer)
     return datamodule, build_module(cfg, datamodule), trainer
 
 
@@ -276,6 +295,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_config_tree(cfg)
     datamodule, trainer = build(cfg)  # objects and their checks, before any data is touched
     prepare_data(datamodule)
+    apply_length(cfg, datamodule, trainer)
     module = build_module(cfg, datamodule)
     if ckpt_path:  # ... for the same data
         check_data_of_checkpoint(ckpt_path, checkpoint, module.hparams["input_spec"])

@@ -73,6 +73,19 @@ def test_quickstart_preset_builds_everything(make_cfg: Callable[..., DictConfig]
     assert sum(p.numel() for p in module.parameters()) == 2729
 
 
+@pytest.mark.parametrize("length, steps", [("{epochs: 3, min_steps: 5}", 3 * 7),
+                                           ("{epochs: 3, min_steps: 50}", 50)])
+def test_a_run_length_in_epochs_follows_the_training_set(
+        length: str, steps: int, make_cfg: Callable[..., DictConfig]) -> None:
+    """280 training images in batches of 40: 7 a epoch; the schedule is sized to the same."""
+    cfg = make_cfg("trainer.max_steps=-1", f"length={length}", "scheduler=cosine")
+    datamodule, module, trainer = build_and_prepare(cfg)
+    assert trainer.max_steps == steps
+    assert module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0](steps) == 0
+    fixed = make_cfg("trainer.max_steps=20", f"length={length}")  # a step count wins
+    assert build_and_prepare(fixed)[2].max_steps == 20
+
+
 def refuse(cfg: DictConfig) -> None:
     """Everything a run checks before its first training step: the config, then each target's
     own checks as it is built (data, model, trainer), then the optimizer and its schedule."""
@@ -93,6 +106,8 @@ def refuse(cfg: DictConfig) -> None:
     ("trainer.max_steps=0", "trainer.max_steps=0"),
     ("trainer.precision=17", "trainer: Precision 17 is invalid"),
     ("model.width=0", "model: width=0 must be positive"),
+    ("+length={epochs: 0, min_steps: 10}", "length={'epochs': 0, 'min_steps': 10} must be null or"),
+    ("+length={epochs: 3}", "must be null or {epochs: E, min_steps: S}"),
 ])
 def test_bad_configs_are_refused_with_one_line(override: str, message: str,
                                               make_cfg: Callable[..., DictConfig]) -> None:

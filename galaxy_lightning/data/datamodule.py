@@ -377,6 +377,18 @@ class GalaxyDataModule(L.LightningDataModule):
             if isinstance(data.images, H5Rows):
                 data.images.close()
 
+    def train_batches_per_epoch(self, world_size: int = 1) -> int:
+        """Training batches of one epoch on each of ``world_size`` processes, from the prepared
+        file's header, labels and split column only (no pixels are read), so that a run can size
+        its schedule before it starts (``length`` in the run config)."""
+        if self.overfit_batches:
+            return self.overfit_batches
+        data = read_prepared(self.path, images=False)
+        train = len(split_indices(data.labels, data.split, self.splits, self.split_seed,
+                                  self.path, self.folds, self.fold)["train"])
+        return len(EpochBatchSampler(train, self.batch_size, shuffle=True, drop_last=True,
+                                     world_size=world_size))
+
     def split(self, name: str) -> TensorBatches:
         """The images (in memory, or read on demand) and labels of ``train``, ``val`` or
         ``test``."""
