@@ -1,0 +1,121 @@
+"""Galaxy Zoo decision trees: the schema against real catalogs, and the Dirichlet-multinomial
+likelihood of vote counts against direct evaluations by hand."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from galaxy_lightning.decision_tree import (
+    TREES,
+    DecisionTree,
+    dirichlet_multinomial_nll,
+    expected_fractions,
+    tree,
+)
+from galaxy_lightning.errors import ConfigError, DataError
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gz_decals_sample"
+TWO = DecisionTree.from_dict({"name": "two", "questions": [
+    {"name": "q", "answers": ["a", "b"]},
+    {"name": "r", "answers": ["x", "y", "z"], "after": ["q_a"]}]})
+
+
+def nll(counts: list[float], alpha: list[float], schema: DecisionTree = TWO) -> torch.Tensor:
+    return dirichlet_multinomial_nll(torch.tensor([counts], dtype=torch.float64),
+                                     torch.tensor([alpha], dtype=torch.float64), schema)[0]
+
+
+def test_the_likelihood_equals_direct_evaluations() -> None:
+    # alpha = 1: every split of n votes is equally likely: 1/(n+1) for two answers, and
+    # 1/C(n+2, 2) for three (the compositions of n into 3 parts)
+    assert torch.allclose(nll([1, 0, 0, 0, 0], [1, 1, 1, 1, 1]), torch.tensor([math.log(2), 0.0],
+                                                                             dtype=torch.float64))
+    assert torch.allclose(nll([2, 1, 1, 1, 0], [1, 1, 1, 1, 1]),
+                          torch.tensor([math.log(4), math.log(6)], dtype=torch.float64))
+    # alpha = (2, 3), one vote each: C(2,1) B(3, 4) / B(2, 3) = 2 (2! 3! / 6!) / (1! 2! / 4!) = 0.4
+    assert math.isclose(nll([1, 1, 0, 0, 0], [2, 3, 1, 1, 1])[0].item(), -math.log(0.4))
+    # very large concentrations: the multinomial of the expected fractions, 3 x 0.2 x 0.8^2
+    big = nll([1, 2, 0, 0, 0], [2e7, 8e7, 1, 1, 1])[0].item()
+    assert math.isclose(big, -math.log(3 * 0.2 * 0.8 ** 2), rel_tol=1e-5)
+
+
+def test_the_likelihood_sums_to_one_over_every_outcome() -> None:
+    alpha = [0.7, 2.5, 1.3]
+    schema = DecisionTree.from_dict({"name": "one", "questions": [
+        {"name": "q", "answers": ["a", "b", "c"]}]})
+    total = sum(math.exp(-nll(list(k), alpha, schema)[0].item())
+                for k in itertools.product(range(5), repeat=3) if sum(k) == 4)
+    assert math.isclose(total, 1.0, rel_tol=1e-9)
+
+
+def test_a_question_nobody_was_asked_contributes_nothing() -> None:
+    alpha = torch.tensor([[3.0, 1.0, 5.0, 0.5, 2.0]], requires_grad=True)
+    loss = dirichlet_multinomial_nll(torch.tensor([[4.0, 2.0, 0.0, 0.0, 0.0]]), alpha, TWO)
+    assert loss[0, 1].item() == 0.0
+    loss.sum().backward()
+    assert alpha.grad is not None
+    assert torch.all(alpha.grad[0, 2:] == 0) and torch.all(alpha.grad[0, :2] != 0)
+    fractions = expected_fractions(alpha.detach(), TWO)
+    assert torch.allclose(fractions[0], torch.tensor([0.75, 0.25, 5 / 7.5, 0.5 / 7.5, 2 / 7.5]))
+
+
+def read(name: str) -> list[dict[str, str]]:
+    with open(SAMPLE / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name, catalog", [("gz_decals_dr5", "gz_decals_volunteers_5.csv"),
+                                           ("gz_decals_dr12", "gz_decals_volunteers_1_and_2.csv")])
+def test_the_built_in_trees_read_the_real_catalogs(name: str, catalog: str) -> None:
+    rows = read(catalog)
+    schema = tree(name)
+    schema.check_columns(list(rows[0]), catalog)
+    counts, differ = schema.counts(lambda c: [float(r[c] or "nan") for r in rows], catalog)
+    assert counts.shape == (6, schema.num_answers)
+    first = schema.question("smooth-or-featured")
+    a, b = schema.slices[0]
+    assert counts[:, a:b].sum(1).tolist() == [float(r[first.total_column]) for r in rows]
+    # a question that follows answers nobody gave has no votes: the tree's dependencies hold
+    checked = 0
+    for q, (a, b) in zip(schema.questions, schema.slices):
+        if not q.after:
+            continue
+        reached = counts[:, [schema.answer_columns.index(c) for c in q.after]].sum(1)
+        assert all(counts[i, a:b].sum() == 0 for i in range(6) if reached[i] == 0), q.name
+        checked += int((reached == 0).sum())
+    assert checked > 0
+    assert sum(differ.values()) == (2 if name == "gz_decals_dr5" else 0)  # merging, in DR5
+
+
+def test_a_catalog_without_the_trees_columns_is_refused_in_one_line() -> None:
+    rows = read("gz_decals_volunteers_1_and_2.csv")
+    with pytest.raises(DataError, match=r"gz_decals_volunteers_1_and_2.csv: the decision tree "
+                                        r"'gz_decals_dr5' needs vote-count columns .* missing "
+                                        r"bar_strong, bar_weak, bulge-size_large, "
+                                        r"bulge-size_moderate and \d+ more; choose the tree"):
+        TREES["gz_decals_dr5"].check_columns(list(rows[0]), "gz_decals_volunteers_1_and_2.csv")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"name": "t", "questions": [{"name": "q", "answers": ["a"]}]}, "at least two distinct"),
+    ({"name": "t", "questions": [{"name": "q", "answers": ["a", "b"], "after": ["q_c"]}]},
+     r"follows \['q_c'\], not an answer of an earlier question"),
+    ({"name": "t", "questions": [{"name": "q", "answers": ["a", "b"]},
+                                 {"name": "q", "answers": ["c", "d"]}]}, "question names repeat"),
+    ({"name": "t"}, r"a decision tree is \{name, questions"),
+    ("gz3", "unknown decision tree 'gz3'; built in: gz_decals_dr5, gz_decals_dr12"),
+])
+def test_bad_trees_are_refused_in_one_line(bad: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tree(bad)  # type: ignore[arg-type]
+
+
+def test_a_tree_round_trips_through_its_dict() -> None:
+    for schema in (*TREES.values(), TWO):
+        assert DecisionTree.from_dict(schema.to_dict()) == schema
