@@ -76,7 +76,8 @@ class InputSpec:
     pixels, then resize to ``resize``); ``image_size`` is the side of the square the network sees.
     ``scale`` multiplies uint8 pixels. ``stretch`` (optional) says how floating-point pixels were
     mapped to uint8, ``fits`` (optional, ``{"hdu": 0, "nan": "median"}``) how FITS files were read;
-    ``display`` (optional) how to show the uint8 pixels to a person.
+    ``display`` (optional) how to show the uint8 pixels to a person; ``tree`` (optional) the
+    Galaxy Zoo decision tree of the data's vote counts, so that a model and its exports carry it.
     """
 
     class_names: tuple[str, ...]
@@ -88,6 +89,8 @@ class InputSpec:
     stretch: dict[str, Any] | None = None
     display: dict[str, Any] | None = field(default=None)
     fits: dict[str, Any] | None = None
+    #: the Galaxy Zoo decision tree whose vote counts the data carries (``DecisionTree.to_dict``)
+    tree: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
@@ -104,6 +107,10 @@ class InputSpec:
                               f"{self.image_size}")
         if not self.scale > 0:
             raise ConfigError(f"scale={self.scale} must be positive")
+        if self.tree is not None:
+            from galaxy_lightning.decision_tree import DecisionTree  # (it imports this module's errors)
+
+            DecisionTree.from_dict(self.tree)
         if self.fits is not None and set(self.fits) - set(FITS_READING_KEYS):
             raise ConfigError(f"input spec fits={self.fits}: takes only {list(FITS_READING_KEYS)}")
 
@@ -115,12 +122,13 @@ class InputSpec:
     def to_dict(self) -> dict[str, Any]:
         """Primitives only (lists, not tuples), so checkpoints load with ``weights_only``.
 
-        ``fits`` is left out when there is none, so a spec without FITS reading is the same dict
-        as before the field existed (resuming compares the checkpoint's spec with the data's)."""
+        ``fits`` and ``tree`` are left out when there are none, so a spec without them is the
+        same dict as before the fields existed (resuming compares the checkpoint's spec with the data's)."""
         out = dataclasses.asdict(self)
         out["class_names"] = list(self.class_names)
-        if out["fits"] is None:
-            del out["fits"]
+        for optional in ("fits", "tree"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @classmethod

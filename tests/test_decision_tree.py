@@ -119,3 +119,29 @@ def test_bad_trees_are_refused_in_one_line(bad: object, message: str) -> None:
 def test_a_tree_round_trips_through_its_dict() -> None:
     for schema in (*TREES.values(), TWO):
         assert DecisionTree.from_dict(schema.to_dict()) == schema
+
+
+def test_a_catalog_prepares_with_the_vote_counts_of_its_tree(tmp_path: Path) -> None:
+    from galaxy_lightning.data.catalog import CatalogSource
+    from galaxy_lightning.data.prepared import read_prepared
+
+    def source(catalog: str, schema: str) -> CatalogSource:
+        return CatalogSource(str(SAMPLE / catalog), ["png_loc"], image_root=str(SAMPLE),
+                             match="name", tree=schema, crop=256, resize=32, min_per_class=0,
+                             id_column="iauname")
+
+    data = read_prepared(source("gz_decals_volunteers_5.csv", "gz_decals_dr5").prepare(
+        tmp_path, progress=False))
+    rows = read("gz_decals_volunteers_5.csv")
+    schema = TREES["gz_decals_dr5"]
+    assert data.info.spec.tree == schema.to_dict()  # the schema travels with the data
+    assert data.info.class_names == ["smooth", "featured-or-disk", "artifact"]
+    by_id = {r["iauname"]: r for r in rows}
+    for ident, votes, label in zip(data.columns["id"], data.columns["votes"], data.labels):
+        row = by_id[ident]
+        assert votes.tolist() == [float(row[c]) for c in schema.answer_columns]
+        assert label == votes[:3].argmax()  # labelled by the first question's most-voted answer
+    assert data.info.provenance["counts"]["totals_differ"]["merging"] == 2
+    with pytest.raises(DataError, match="needs vote-count columns"):
+        source("gz_decals_volunteers_1_and_2.csv", "gz_decals_dr5").prepare(tmp_path / "other",
+                                                                            progress=False)

@@ -64,6 +64,7 @@ from galaxy_lightning.data.selection import (
     repeats_on_sky,
     split_codes,
 )
+from galaxy_lightning.decision_tree import tree as decision_tree
 from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.input_spec import InputSpec, check_source_options
 
@@ -244,6 +245,9 @@ class _ChosenRows:
     targets: np.ndarray | None  # every row's soft targets over the kept classes (vote fractions)
     dropped: dict[str, int]  # rows dropped before any image was read, by reason
     catalog_rows: int
+    votes: np.ndarray | None = None  # every row's vote counts for the decision tree's answers
+    totals_differ: dict[str, int] | None = None  # per question: rows whose answers' votes do not
+    # add up to the catalog's total-votes (recorded, see DecisionTree.counts)
 
 
 class CatalogSource:
@@ -254,7 +258,10 @@ class CatalogSource:
     folder or a list, searched in order); ``match="name"`` instead finds each file by its name
     anywhere below the root(s), for releases whose folder layout differs from the catalog's
     paths (Galaxy Zoo DECaLS ``png_loc``). Labels come from ``label_column`` or ``votes``
-    (``{question, answers, min_fraction, min_votes}``). ``dedupe`` is ``null``, ``"id"`` or
+    (``{question, answers, min_fraction, min_votes}``). ``tree`` (a built-in Galaxy Zoo decision
+    tree, ``gz_decals_dr5``, or a mapping; :mod:`~galaxy_lightning.decision_tree`) keeps the vote
+    counts of every answer of the tree (the ``votes`` column); without ``label_column`` or
+    ``votes`` the labels are then the first question's most-voted answer. ``dedupe`` is ``null``, ``"id"`` or
     ``"position"`` (within ``dedupe_arcsec``). FITS fluxes are stretched with ``stretch``
     (``images.DEFAULT_STRETCH`` keys) after filling NaN pixels by ``nan``.
     """
@@ -272,13 +279,17 @@ class CatalogSource:
                  stretch: Mapping[str, Any] | None = None, channels: int | None = None,
                  on_error: str = "skip", workers: int | None = None,
                  display: str | None = None, seed: int = 0,
-                 prepared_name: str | None = None) -> None:
+                 prepared_name: str | None = None,
+                 tree: str | Mapping[str, Any] | None = None) -> None:
         if isinstance(image_columns, str):
             image_columns = [image_columns]
         if not image_columns:
             raise ConfigError("image_columns must name at least one column (or pattern)")
-        if (label_column is None) == (votes is None):
+        if label_column is not None and votes is not None:
             raise ConfigError("give exactly one of label_column and votes")
+        if label_column is None and votes is None and tree is None:
+            raise ConfigError("give exactly one of label_column and votes (or a decision tree, "
+                              "whose first question then labels the galaxies)")
         if match not in ("path", "name"):
             raise ConfigError(f"match={match!r} must be 'path' or 'name'")
         if dedupe not in (None, "id", "position"):
@@ -331,6 +342,7 @@ class CatalogSource:
         self.display = display
         self.seed = seed
         self.prepared_name = prepared_name
+        self.tree = decision_tree(tree).to_dict() if tree is not None else None
         ImageReader(nan=nan)  # checks the NaN policy now, before any file is read
 
     # -- identity and caching ----------------------------------------------------------------------
@@ -340,7 +352,8 @@ class CatalogSource:
             "image_columns", "match", "label_column", "votes", "class_names", "classes",
             "id_column", "ra_column", "dec_column", "split_column", "n_per_class", "min_per_class",
             "crop", "resize", "dedupe", "dedupe_arcsec", "fits_hdu", "nan", "stretch",
-            "channels", "on_error", "display", "seed")} | {"version": PREPARATION_VERSION}
+            "channels", "on_error", "display", "seed")} | {"version": PREPARATION_VERSION} | (
+            {"tree": self.tree} if self.tree is not None else {})
 
     def _path(self, value: str | None, data_dir: Path) -> Path | None:
         if value is None:
@@ -430,7 +443,8 @@ class CatalogSource:
         total = sum(info.num_images for info in infos)
         announce(f"combining {len(parts)} parts into {target.name}: {total} images (the pixels "
                  "stay in the part files; keep them beside it)", progress)
-        whole = {key: counts[0][key] for key in ("catalog_rows", "dropped", "missing_files")}
+        whole = {key: counts[0][key] for key in ("catalog_rows", "dropped", "missing_files",
+                                                 "totals_differ") if key in counts[0]}
         provenance = {**expected, "class_names": names,
                       "counts": {**whole, "unreadable": sum(c["unreadable"] for c in counts),
                                  "per_class": per_class}}
@@ -447,6 +461,17 @@ class CatalogSource:
     def _labels(self, table: Any, path: Path) -> tuple[np.ndarray, list[str], np.ndarray | None,
                                                        dict[str, int]]:
         """(label per row, -1 for rows without one; class names; soft targets or None; drops)."""
+        if self.votes is None and self.label_column is None:  # the tree's first question
+            assert self.tree is not None
+            first = decision_tree(self.tree).questions[0]
+            counts = np.stack([np.nan_to_num(table_column(table, c, "data.source.tree", path)
+                                             .astype(np.float64)) for c in first.columns], axis=1)
+            total = counts.sum(1)
+            voted = total > 0
+            fractions = counts / np.where(voted, total, 1.0)[:, None]
+            labels = np.where(voted, counts.argmax(1), -1)
+            return labels, list(first.answers), fractions.astype(np.float32), \
+                {"no_votes": int((~voted).sum())}
         if self.votes is not None:
             v = self.votes
             return labels_from_votes(table, path, v["question"], v.get("answers"),
@@ -616,7 +641,13 @@ class CatalogSource:
         dropped["duplicates"] = int(repeat.sum())
         rows = draw_per_class(rows[~repeat], labels, self.n_per_class, self.seed, catalog,
                               [f"'{name}'" for name in names], "rows")
-        return _ChosenRows(rows, labels, names, split, targets, dropped, len(table))
+        votes, differ = None, None
+        if self.tree is not None:
+            schema = decision_tree(self.tree)
+            schema.check_columns(table.colnames, catalog)
+            votes, differ = schema.counts(
+                lambda name: table_column(table, name, "data.source.tree", catalog), catalog)
+        return _ChosenRows(rows, labels, names, split, targets, dropped, len(table), votes, differ)
 
     def _row_columns(self, table: Any, catalog: Path, chosen: _ChosenRows) -> dict[str, np.ndarray]:
         """The optional prepared columns (:data:`~galaxy_lightning.data.prepared.COLUMNS`) of the
@@ -630,7 +661,8 @@ class CatalogSource:
             if self.dec_column else None
         columns = {"source_index": rows, "id": ids, "ra": ra, "dec": dec,
                    "split": chosen.split[rows] if chosen.split is not None else None,
-                   "targets": chosen.targets[rows] if chosen.targets is not None else None}
+                   "targets": chosen.targets[rows] if chosen.targets is not None else None,
+                   "votes": chosen.votes[rows] if chosen.votes is not None else None}
         return {k: v for k, v in columns.items() if v is not None}
 
     def _write(self, target: Path, catalog: Path, reader: ImageReader,
@@ -676,6 +708,8 @@ class CatalogSource:
             provenance["counts"] = {"catalog_rows": chosen.catalog_rows, "dropped": chosen.dropped,
                                     "missing_files": missing, "unreadable": state["unreadable"],
                                     "per_class": dict(zip(chosen.names, counts.tolist()))}
+            if chosen.totals_differ is not None:
+                provenance["counts"]["totals_differ"] = chosen.totals_differ
             writer.provenance = provenance
         looks = state["looks"]
         return state["examples"], state["unreadable"], (int(counts.sum()), int(looks[0]),
@@ -724,7 +758,8 @@ class CatalogSource:
         stretch = reader.stretch if reader.stretch is not None and fits else None
         spec = InputSpec.for_source(names, h, w, c, self.crop, self.resize, str(paths[0][0]),
                                     self.display, stretch=stretch,
-                                    fits={"hdu": self.fits_hdu, "nan": self.nan} if fits else None)
+                                    fits={"hdu": self.fits_hdu, "nan": self.nan} if fits else None,
+                                    tree=self.tree)
         if self.crop is None and self.resize is None:
             for files in paths[1:50]:
                 try:

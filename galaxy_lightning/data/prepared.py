@@ -6,7 +6,8 @@ Layout (format version 2):
 - optional per-row columns (:data:`COLUMNS`): ``split`` (0 = train, 1 = val, 2 = test, when the
   source fixes the split), ``source_index`` (the row of each image in the source), ``id``
   (the object's name in the user's catalog), ``ra`` / ``dec`` (degrees), ``targets`` (float32
-  ``(N, K)`` soft targets, e.g. volunteer vote fractions);
+  ``(N, K)`` soft targets, e.g. volunteer vote fractions), ``votes`` (float32 ``(N, A)``: the
+  volunteers' vote counts for every answer of the input spec's decision tree);
 - attributes ``format`` / ``format_version``, ``input_spec`` (JSON of
   :class:`~galaxy_lightning.input_spec.InputSpec`: classes, geometry, scaling, stretch),
   ``class_names`` (JSON, for readers that only want the names) and ``provenance`` (JSON: where
@@ -55,8 +56,20 @@ SPLIT_NAMES = ("train", "val", "test")
 #: Optional per-row columns: name -> dtype (``targets`` has a second axis of length K).
 COLUMNS: dict[str, Any] = {
     "split": np.uint8, "source_index": np.int64, "id": h5py.string_dtype(), "ra": np.float64,
-    "dec": np.float64, "targets": np.float32,
+    "dec": np.float64, "targets": np.float32, "votes": np.float32,
 }
+
+
+def column_width(name: str, spec: InputSpec) -> tuple[int, ...]:
+    """The shape of one row of a column: ``targets`` one value per class, ``votes`` one vote
+    count per answer of the spec's decision tree, the others a scalar."""
+    if name == "targets":
+        return (spec.num_classes,)
+    if name == "votes":
+        if spec.tree is None:
+            raise ValueError("a 'votes' column needs an input spec with a decision tree")
+        return (sum(len(q["answers"]) for q in spec.tree["questions"]),)
+    return ()
 
 
 @dataclass(frozen=True)
@@ -172,7 +185,7 @@ class PreparedWriter:
         f.create_dataset("labels", (self.num_images,), dtype=np.int64,
                          **({"maxshape": (None,)} if self.at_most else {}))
         for name in self.columns:
-            tail = (self.spec.num_classes,) if name == "targets" else ()
+            tail = column_width(name, self.spec)
             f.create_dataset(name, (self.num_images, *tail), dtype=COLUMNS[name],
                              **({"maxshape": (None, *tail)} if self.at_most else {}))
         return self
