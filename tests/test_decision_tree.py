@@ -145,3 +145,40 @@ def test_a_catalog_prepares_with_the_vote_counts_of_its_tree(tmp_path: Path) -> 
     with pytest.raises(DataError, match="needs vote-count columns"):
         source("gz_decals_volunteers_1_and_2.csv", "gz_decals_dr5").prepare(tmp_path / "other",
                                                                             progress=False)
+
+
+def test_simulated_volunteers_walk_the_tree(tmp_path: Path) -> None:
+    """Later questions are asked only of the volunteers who gave the answers that lead to them,
+    the numbers of volunteers vary, the votes follow what was drawn, and the images do not
+    change when volunteers are simulated."""
+    import numpy as np
+
+    from galaxy_lightning.data.prepared import read_prepared
+    from galaxy_lightning.data.synthetic import SyntheticGalaxies, simulate
+
+    images, labels, votes = simulate(20, image_size=32, seed=1, votes=True)
+    assert np.array_equal(images, simulate(20, image_size=32, seed=1)[0])
+    schema = TREES["gz_decals_dr5"]
+    totals = np.stack([votes[:, a:b].sum(1) for a, b in schema.slices], axis=1)
+    for j, q in enumerate(schema.questions):
+        if q.after:
+            leads = [schema.answer_columns.index(c) for c in q.after]
+            assert np.array_equal(totals[:, j], votes[:, leads].sum(1)), q.name
+    first = totals[:, 0]
+    assert first.min() >= 5 and first.max() <= 45 and (first < 16).any() and (first >= 30).any()
+    # the volunteers' majority follows the simulated physics (noisy, not always)
+    smooth = votes[:, 0] > votes[:, 1]
+    assert smooth[np.isin(labels, [1, 2])].mean() > 0.9
+    assert not smooth[np.isin(labels, [3, 4, 5, 6])].any()
+    edge = schema.answer_columns.index("disk-edge-on_yes")
+    assert (votes[labels == 6, edge] > votes[labels == 6, edge + 1]).mean() > 0.9
+    bar = schema.answer_columns.index("bar_no")
+    barred = votes[labels == 3]
+    assert (barred[:, bar] < barred[:, bar - 2] + barred[:, bar - 1]).mean() > 0.8  # a bar seen
+
+    data = read_prepared(SyntheticGalaxies(3, image_size=32, seed=1, tree="gz_decals_dr5")
+                         .prepare(tmp_path, progress=False))
+    assert data.info.spec.tree == schema.to_dict()
+    assert np.array_equal(data.columns["votes"], simulate(3, 32, 1, votes=True)[2])
+    with pytest.raises(ConfigError, match="simulated volunteers answer the gz_decals_dr5 tree"):
+        SyntheticGalaxies(3, tree="gz2")

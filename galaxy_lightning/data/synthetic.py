@@ -31,6 +31,9 @@ from galaxy_lightning import console
 from galaxy_lightning.data.galaxy10 import TUTORIAL_CLASS_NAMES
 from galaxy_lightning.data.images import ordered_map
 from galaxy_lightning.data.prepared import PreparedWriter, prepare_once
+from galaxy_lightning.data.volunteers import TREE as VOLUNTEER_TREE
+from galaxy_lightning.data.volunteers import simulate_votes
+from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.input_spec import InputSpec
 
 #: The tutorial's 7 Galaxy10 DECaLS classes, which the simulator draws.
@@ -57,6 +60,8 @@ class _Canvas:
         coords = (np.arange(size, dtype=np.float32) - c) / self.scale
         self.y, self.x = np.meshgrid(coords, coords, indexing="ij")
         self.flux = np.zeros((3, size, size), dtype=np.float32)
+        #: what was drawn, in the words of a Galaxy Zoo volunteer (:mod:`.volunteers`)
+        self.truth: dict[str, Any] = {}
 
     def frame(self, x0: float, y0: float, pa: float, q: float) -> tuple[np.ndarray, np.ndarray]:
         """Coordinates (u along the major axis, v along the minor axis de-projected by q)."""
@@ -148,31 +153,38 @@ def _tidal_tail(cv: _Canvas, x0: float, y0: float, flux: float, length: float) -
 
 
 def _draw_class(cv: _Canvas, label: int) -> None:
+    """Draw a galaxy of class ``label`` and record in ``cv.truth`` what was drawn. (Parameters
+    are drawn in a fixed order: keep it, or every simulated image changes.)"""
     rng = cv.rng
     jitter = 1.5  # centring jitter (px at 96 px)
     x0, y0 = rng.normal(0.0, jitter, 2)
     flux = 10 ** rng.uniform(4.3, 5.3)
+    truth = cv.truth
+    truth.update(label=label, flux=flux)
     if label == 0:  # Merging: two galaxies, tidal tails, distorted light
         sep = rng.uniform(5.0, 26.0)
         ang = rng.uniform(0, 2 * math.pi)
         ratio = rng.uniform(0.25, 1.0)
         centres = [(x0 - 0.5 * sep * math.cos(ang), y0 - 0.5 * sep * math.sin(ang)),
                    (x0 + 0.5 * sep * math.cos(ang), y0 + 0.5 * sep * math.sin(ang))]
+        disks = 0
         for (cx, cy), f in zip(centres, (flux / (1 + ratio), flux * ratio / (1 + ratio))):
             if rng.random() < 0.5:
                 _elliptical(cv, cx, cy, f, rng.uniform(1.5, 4.0), rng.uniform(3, 9),
                             rng.uniform(0.5, 1.0))
             else:
                 _disk_galaxy(cv, cx, cy, f, rng.uniform(3, 8))
+                disks += 1
+        truth.update(separation=sep, mass_ratio=ratio, disks=disks)
         for _ in range(rng.integers(1, 3)):
             cx, cy = centres[rng.integers(0, 2)]
             _tidal_tail(cv, cx, cy, flux * rng.uniform(0.1, 0.35), rng.uniform(12, 38))
-    elif label == 1:  # Round Smooth
-        _elliptical(cv, x0, y0, flux, rng.uniform(2.5, 5.5), rng.uniform(4, 14),
-                    rng.uniform(0.72, 1.0))
-    elif label == 2:  # In-between Round Smooth
-        _elliptical(cv, x0, y0, flux, rng.uniform(1.5, 4.5), rng.uniform(4, 14),
-                    rng.uniform(0.38, 0.82))
+    elif label in (1, 2):  # Round Smooth, In-between Round Smooth
+        n, r_e = (rng.uniform(2.5, 5.5), rng.uniform(4, 14)) if label == 1 else \
+            (rng.uniform(1.5, 4.5), rng.uniform(4, 14))
+        q = rng.uniform(0.72, 1.0) if label == 1 else rng.uniform(0.38, 0.82)
+        truth.update(axis_ratio=q)
+        _elliptical(cv, x0, y0, flux, n, r_e, q)
     elif label in (3, 4, 5):  # spirals
         pa, q = rng.uniform(0, math.pi), _disk_axis_ratio(rng, (0.45, 1.0))
         h = rng.uniform(5, 12)
@@ -180,6 +192,7 @@ def _draw_class(cv: _Canvas, label: int) -> None:
         arm_frac = rng.uniform(0.25, 0.6)
         arms = 2 if (label != 5 or rng.random() < 0.7) else 3
         sharp = rng.uniform(1.5, 5.0)
+        truth.update(axis_ratio=q, bulge_to_total=bt, arm_fraction=arm_frac, arms=arms)
         if label == 3:  # bar, with the arms starting at its ends
             bar_len = rng.uniform(0.7, 1.6) * h
             bar_angle = rng.uniform(0, math.pi)
@@ -187,13 +200,18 @@ def _draw_class(cv: _Canvas, label: int) -> None:
             ub = u * math.cos(bar_angle) + v * math.sin(bar_angle)
             vb = -u * math.sin(bar_angle) + v * math.cos(bar_angle)
             bar = _sersic(ub, vb / rng.uniform(0.18, 0.35), bar_len * 0.6, 0.5)
-            cv.add(bar, flux * rng.uniform(0.1, 0.25), cv.color(_RED * 0.7 + _BLUE * 0.3))
-            _spiral(cv, x0, y0, pa, q, h, flux * (1 - bt), rng.uniform(10, 35), 2, arm_frac,
+            bar_flux = rng.uniform(0.1, 0.25)
+            cv.add(bar, flux * bar_flux, cv.color(_RED * 0.7 + _BLUE * 0.3))
+            pitch = rng.uniform(10, 35)
+            truth.update(bar=bar_flux, arms=2)
+            _spiral(cv, x0, y0, pa, q, h, flux * (1 - bt), pitch, 2, arm_frac,
                     bar_len, bar_angle, sharp)
         else:
             pitch = rng.uniform(7, 17) if label == 4 else rng.uniform(19, 38)
+            truth.update(bar=0.0)
             _spiral(cv, x0, y0, pa, q, h, flux * (1 - bt), pitch, arms, arm_frac,
                     rng.uniform(0.3, 0.8) * h, rng.uniform(0, 2 * math.pi), sharp)
+        truth.update(pitch=pitch)
         u, v = cv.frame(x0, y0, pa, rng.uniform(0.75, 1.0))
         cv.add(_sersic(u, v, rng.uniform(1.5, 4.0), rng.uniform(1.5, 4.0)), flux * bt,
                cv.color(_RED))
@@ -206,7 +224,9 @@ def _draw_class(cv: _Canvas, label: int) -> None:
         disk = np.exp(-np.abs(u) / h) * np.exp(-np.abs(v * q) / (q * h * 0.6))
         lane = 1.0 - rng.uniform(0.0, 0.7) * np.exp(-0.5 * (v * q / rng.uniform(0.6, 1.2)) ** 2)
         cv.add(disk * lane, flux * (1 - bt), cv.color(_BLUE * 0.7 + _RED * 0.3))
-        u, v = cv.frame(x0, y0, pa, rng.uniform(0.55, 1.0))
+        bulge_q = rng.uniform(0.55, 1.0)
+        truth.update(axis_ratio=q, bulge_to_total=bt, bulge_axis_ratio=bulge_q)
+        u, v = cv.frame(x0, y0, pa, bulge_q)
         cv.add(_sersic(u, v, rng.uniform(2.0, 6.0), rng.uniform(1.5, 4.0)) * lane, flux * bt,
                cv.color(_RED))
 
@@ -220,9 +240,11 @@ def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     return np.fft.irfft2(np.fft.rfft2(images) * transfer, s=(h, w)).astype(np.float32)
 
 
-def render(label: int, seed: int, index: int, size: int = 96) -> np.ndarray:
-    """Simulate one galaxy of class ``label`` as a uint8 (size, size, 3) RGB image."""
-    flux, sky_sigma, rng = render_flux(label, seed, index, size)
+def render(label: int, seed: int, index: int, size: int = 96,
+           truth: dict[str, Any] | None = None) -> np.ndarray:
+    """Simulate one galaxy of class ``label`` as a uint8 (size, size, 3) RGB image; ``truth``
+    (a dict, if given) receives what was drawn (:mod:`.volunteers` answers from it)."""
+    flux, sky_sigma, rng = render_flux(label, seed, index, size, truth)
     # Lupton asinh stretch preserving colour, scaled to the sky noise.
     softening = sky_sigma * rng.uniform(2.0, 4.0)
     intensity = flux.mean(0)
@@ -233,14 +255,17 @@ def render(label: int, seed: int, index: int, size: int = 96) -> np.ndarray:
     return (rgb.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def render_flux(label: int, seed: int, index: int,
-                size: int = 96) -> tuple[np.ndarray, float, np.random.Generator]:
+def render_flux(label: int, seed: int, index: int, size: int = 96,
+                truth: dict[str, Any] | None = None
+                ) -> tuple[np.ndarray, float, np.random.Generator]:
     """The fluxes :func:`render` stretches: (3, size, size) float32 in bands z, r, g, sky
     subtracted, with sky and photon noise; the sky noise sigma; the image's generator (its next
     draws are the stretch's)."""
     rng = np.random.default_rng([seed, index])
     cv = _Canvas(size, rng)
     _draw_class(cv, label)
+    if truth is not None:
+        truth.update(cv.truth)
     # Field stars (point sources) and small, faint background galaxies.
     for _ in range(rng.poisson(0.8)):
         star = np.zeros((size, size), dtype=np.float32)
@@ -295,32 +320,49 @@ def write_survey_files(folder: str | Path, n_per_class: int, image_size: int = 9
 
 
 def simulate(n_per_class: int, image_size: int = 96, seed: int = 0,
-             start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``start:stop`` of the balanced set (row i has label i mod 7): uint8 NHWC and labels."""
+             start: int = 0, stop: int | None = None, votes: bool = False
+             ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images ``start:stop`` of the balanced set (row i has label i mod 7): uint8 NHWC and labels;
+    with ``votes``, also simulated volunteers' vote counts for the GZ DECaLS DR5 tree
+    (:func:`~.volunteers.simulate_votes`; the images are the same either way)."""
     total = n_per_class * len(CLASS_NAMES)
     stop = total if stop is None else min(stop, total)
     index = np.arange(start, stop)
     labels = (index % len(CLASS_NAMES)).astype(np.int64)
     images = np.empty((len(index), image_size, image_size, 3), dtype=np.uint8)
+    counts = np.empty((len(index), VOLUNTEER_TREE.num_answers), dtype=np.float32)
     for row, (i, label) in enumerate(zip(index, labels)):
-        images[row] = render(int(label), seed, int(i), image_size)
-    return images, labels
+        truth: dict[str, Any] = {}
+        images[row] = render(int(label), seed, int(i), image_size, truth)
+        if votes:  # their own generator: the votes never change the pixels
+            counts[row] = simulate_votes(truth, np.random.default_rng([seed, int(i), 1]))
+    return (images, labels, counts) if votes else (images, labels)
 
 
 class SyntheticGalaxies:
-    """Data source: simulate the 7-class set once per parameter set and cache it as a prepared file."""
+    """Data source: simulate the 7-class set once per parameter set and cache it as a prepared file.
+
+    ``tree="gz_decals_dr5"`` adds simulated volunteers' vote counts for every question of that
+    Galaxy Zoo tree (the ``votes`` column; :mod:`.volunteers`), the same images either way."""
 
     def __init__(self, n_per_class: int = 1800, image_size: int = 96, seed: int = 0,
-                 filename: str | None = None) -> None:
+                 filename: str | None = None, tree: str | None = None) -> None:
+        if tree not in (None, VOLUNTEER_TREE.name):
+            raise ConfigError(f"tree={tree!r}: the simulated volunteers answer the "
+                              f"{VOLUNTEER_TREE.name} tree; set tree={VOLUNTEER_TREE.name} or null")
         self.n_per_class = n_per_class
         self.image_size = image_size
         self.seed = seed
-        self.filename = filename or f"synthetic_galaxies_n{n_per_class}_s{image_size}_seed{seed}.h5"
+        self.tree = tree
+        votes = "_votes" if tree else ""
+        self.filename = filename or \
+            f"synthetic_galaxies_n{n_per_class}_s{image_size}_seed{seed}{votes}.h5"
 
     @property
     def provenance(self) -> dict[str, Any]:
         return {"source": "synthetic", "simulator_version": SIMULATOR_VERSION,
-                "n_per_class": self.n_per_class, "image_size": self.image_size, "seed": self.seed}
+                "n_per_class": self.n_per_class, "image_size": self.image_size, "seed": self.seed,
+                **({"tree": self.tree} if self.tree else {})}
 
     def prepare(self, data_dir: str | Path, progress: bool = True) -> Path:
         """Return the prepared file under ``data_dir``, simulating it first if needed."""
@@ -330,19 +372,22 @@ class SyntheticGalaxies:
     def _simulate(self, path: Path, progress: bool) -> None:
         total = self.n_per_class * len(CLASS_NAMES)
         chunk = 700
-        spec = InputSpec(class_names=tuple(CLASS_NAMES), channels=3, image_size=self.image_size)
+        votes = self.tree is not None
+        spec = InputSpec(class_names=tuple(CLASS_NAMES), channels=3, image_size=self.image_size,
+                         tree=VOLUNTEER_TREE.to_dict() if votes else None)
         # every image has its own generator ([seed, index]): chunks simulated in parallel
         # processes are the same pixels as in one, written in order
-        chunks = [(self.n_per_class, self.image_size, self.seed, start, start + chunk)
+        chunks = [(self.n_per_class, self.image_size, self.seed, start, start + chunk, votes)
                   for start in range(0, total, chunk)]
         workers = min(os.cpu_count() or 1, len(chunks))
-        with PreparedWriter(path, total, spec, self.provenance) as writer, \
+        with PreparedWriter(path, total, spec, self.provenance,
+                            ("votes",) if votes else ()) as writer, \
                 console.progress(total=total, desc=f"simulating {path.name}", unit="img",
                                  enabled=progress) as bar:
             results = (ordered_map(simulate, chunks, workers) if workers > 1
                        else (simulate(*c) for c in chunks))
-            for images, labels in results:
-                writer.write(images, labels)
+            for images, labels, *counts in results:
+                writer.write(images, labels, **({"votes": counts[0]} if votes else {}))
                 bar.update(len(labels))
 
 
