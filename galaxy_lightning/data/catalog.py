@@ -695,7 +695,7 @@ class CatalogSource:
                     np.zeros((0, *writer.image_shape), np.uint8)
                 if block:
                     writer.write(images, labels, **{k: v[index] for k, v in columns.items()})
-                if reader.spec.stretch is not None:  # FITS: how the stretch came out
+                if block and reader.spec.stretch is not None:  # FITS: how the stretch came out
                     state["looks"] = (np.asarray(state["looks"]) + stretch_looks(images)).tolist()
                 state["done"] = start + consumed
                 state["unreadable"] += len(unreadable)
