@@ -23,6 +23,7 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from galaxy_lightning.decision_tree import check_task
 from galaxy_lightning.errors import ConfigError, config_key
 from galaxy_lightning.perf import check_matmul_precision
 
@@ -226,6 +227,7 @@ def validate_config(cfg: DictConfig) -> None:
              "keeps its weight and the steps grow without bound")
     # checked before any data is prepared, with the checks of the code that takes them
     check_label_smoothing(cfg.get("label_smoothing", 0.0))
+    check_task(resolved(cfg.get("task")))
     with config_key("perf"):
         check_matmul_precision(perf.get("matmul_precision"))
     for key in ("tta", "calibrate", "train", "test"):

@@ -240,3 +240,62 @@ def expected_fractions(concentrations: torch.Tensor, tree: DecisionTree) -> torc
     parts = [concentrations[:, a:b] / concentrations[:, a:b].sum(1, keepdim=True)
              for a, b in tree.slices]
     return torch.cat(parts, dim=1)
+
+
+# -- the task: what a run learns ------------------------------------------------------------------
+#: The keys of ``task`` (``conf/task/``) and their defaults for a decision tree.
+TASK_DEFAULTS: dict[str, Any] = {"name": "classification", "loss": "dirichlet",
+                                 "class_weight": 1.0, "confident": 0.8, "min_votes": 10}
+
+
+def check_task(task: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``task`` config with its defaults, refused in one line when a value is wrong."""
+    task = dict(task or {})
+    unknown = sorted(set(task) - set(TASK_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"task has unknown keys {unknown}; it takes {list(TASK_DEFAULTS)}")
+    task = {**TASK_DEFAULTS, **task}
+    if task["name"] not in ("classification", "decision_tree"):
+        raise ConfigError(f"task.name={task['name']!r} must be classification or decision_tree "
+                          "(task=classification or task=decision_tree)")
+    if task["loss"] not in ("dirichlet", "fractions"):
+        raise ConfigError(f"task.loss={task['loss']!r} must be dirichlet (the Dirichlet-"
+                          "multinomial of the vote counts) or fractions (soft-label cross-entropy)")
+    if not (isinstance(task["class_weight"], (int, float)) and task["class_weight"] >= 0):
+        raise ConfigError(f"task.class_weight={task['class_weight']} must be 0 or more")
+    if not (isinstance(task["confident"], (int, float)) and 0.5 <= task["confident"] <= 1):
+        raise ConfigError(f"task.confident={task['confident']} must be a vote fraction in "
+                          "[0.5, 1]")
+    if not (isinstance(task["min_votes"], int) and task["min_votes"] >= 1):
+        raise ConfigError(f"task.min_votes={task['min_votes']} must be a positive integer")
+    return task
+
+
+def concentrations(outputs: torch.Tensor) -> torch.Tensor:
+    """Dirichlet concentrations in [1, 100] from the network's tree outputs (Zoobot's range:
+    at least 1, so that no answer is ruled out; at most 100, so that no prediction is certain)."""
+    return 1.0 + 99.0 * torch.sigmoid(outputs.float())
+
+
+def tree_risk(outputs: torch.Tensor, votes: torch.Tensor, tree: DecisionTree,
+              loss: str = "dirichlet") -> torch.Tensor:
+    """The mean over galaxies of the summed per-question loss of the vote counts: the
+    Dirichlet-multinomial negative log-likelihood, or (``fractions``) the cross-entropy of each
+    question's softmax against its observed vote fractions; questions without votes add 0."""
+    if loss == "dirichlet":
+        return dirichlet_multinomial_nll(votes, concentrations(outputs), tree).sum(1).mean()
+    total = outputs.new_zeros(len(outputs), dtype=torch.float32)
+    for a, b in tree.slices:
+        k = votes[:, a:b].float()
+        n = k.sum(1, keepdim=True)
+        fractions = k / n.clamp(min=1)
+        total = total - (fractions * torch.log_softmax(outputs[:, a:b].float(), dim=1)).sum(1)
+    return total.mean()
+
+
+def predicted_fractions(outputs: torch.Tensor, tree: DecisionTree,
+                        loss: str = "dirichlet") -> torch.Tensor:
+    """Every answer's predicted vote fraction: the Dirichlet's mean, or each group's softmax."""
+    if loss == "dirichlet":
+        return expected_fractions(concentrations(outputs), tree)
+    return torch.cat([torch.softmax(outputs[:, a:b].float(), dim=1) for a, b in tree.slices], 1)

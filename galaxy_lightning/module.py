@@ -50,6 +50,12 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from galaxy_lightning.config import check_label_smoothing, construct
 from galaxy_lightning.data.augment import dihedral_views
+from galaxy_lightning.decision_tree import (
+    DecisionTree,
+    check_task,
+    predicted_fractions,
+    tree_risk,
+)
 from galaxy_lightning.errors import ConfigError, TrainingDiverged
 from galaxy_lightning.input_spec import InputSpec, Preprocess
 
@@ -121,6 +127,49 @@ def ece_floor(reliability: torch.Tensor) -> torch.Tensor:
     return floor.float()
 
 
+class QuestionMetrics(Metric):
+    """Per question of a decision tree, what a Galaxy Zoo user checks: the mean absolute error
+    of the predicted vote fractions (over galaxies whose question got at least ``min_votes``
+    votes), and the accuracy of the most-voted answer on the galaxies where the volunteers were
+    also confident (the top answer has at least ``confident`` of the votes)."""
+
+    full_state_update = False
+
+    def __init__(self, tree: DecisionTree, confident: float, min_votes: int) -> None:
+        super().__init__()
+        self.tree, self.confident, self.min_votes = tree, confident, min_votes
+        q = len(tree.questions)
+        for name in ("abs_error", "asked", "correct", "confident_n"):
+            self.add_state(name, torch.zeros(q, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, predicted: torch.Tensor, votes: torch.Tensor) -> None:
+        for j, (a, b) in enumerate(self.tree.slices):
+            k = votes[:, a:b].double()
+            n = k.sum(1)
+            asked = n >= self.min_votes
+            observed = k / n.clamp(min=1)[:, None]
+            error = (predicted[:, a:b].double() - observed).abs().mean(1)
+            confident = asked & (observed.max(1).values >= self.confident)
+            right = predicted[:, a:b].argmax(1) == observed.argmax(1)
+            self.abs_error[j] += error[asked].sum()
+            self.asked[j] += asked.sum()
+            self.correct[j] += (right & confident).sum()
+            self.confident_n[j] += confident.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``<question>/mae``, ``<question>/acc_confident``, ``<question>/n_confident`` (NaN
+        where no galaxy qualifies), and ``mae``: the mean over questions."""
+        mae = self.abs_error / self.asked
+        acc = self.correct / self.confident_n
+        out: dict[str, torch.Tensor] = {}
+        for j, q in enumerate(self.tree.questions):
+            out[f"{q.name}/mae"] = mae[j].float()
+            out[f"{q.name}/acc_confident"] = acc[j].float()
+            out[f"{q.name}/n_confident"] = self.confident_n[j].float()
+        out["mae"] = torch.nanmean(mae).float()
+        return out
+
+
 def evaluation_metrics(class_names: list[str]) -> MetricCollection:
     """The metrics of one evaluation split, all updated with (probabilities, labels)."""
     k = len(class_names)
@@ -146,14 +195,24 @@ class GalaxyClassifier(L.LightningModule):
     def __init__(self, model: dict[str, Any], input_spec: dict[str, Any],
                  optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None,
                  label_smoothing: float = 0.0, data: dict[str, Any] | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, task: dict[str, Any] | None = None) -> None:
         super().__init__()
         check_label_smoothing(label_smoothing)
         # logger=False: the run's whole config, not these, goes to the loggers' hparams views.
         self.save_hyperparameters(ignore=["compile"], logger=False)
         self.spec = InputSpec.from_dict(input_spec)
+        self.task = check_task(task)
+        #: task=decision_tree: the network has one output group per question of the data's tree
+        #: after the class logits, trained on the vote counts (:mod:`~..decision_tree`)
+        self.tree: DecisionTree | None = None
+        if self.task["name"] == "decision_tree":
+            if self.spec.tree is None:
+                raise ConfigError("task=decision_tree needs data with a decision tree's vote "
+                                  "counts (data.source.tree=gz_decals_dr5)")
+            self.tree = DecisionTree.from_dict(self.spec.tree)
+        extra = self.tree.num_answers if self.tree is not None else 0
         self.net: nn.Module = construct(model, "model", in_channels=self.spec.channels,
-                                        num_classes=self.spec.num_classes,
+                                        num_classes=self.spec.num_classes + extra,
                                         image_size=self.spec.image_size)
         self.preprocess = Preprocess(self.spec)
         self.class_names = list(self.spec.class_names)
@@ -163,6 +222,10 @@ class GalaxyClassifier(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        if self.tree is not None:
+            questions = QuestionMetrics(self.tree, self.task["confident"], self.task["min_votes"])
+            self.val_questions, self.test_questions = questions, questions.clone()
+            self.val_tree_loss, self.test_tree_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives a resume from a checkpoint
         #: Non-scalar results of the latest epoch of each evaluation split ("val", "test").
@@ -217,8 +280,16 @@ class GalaxyClassifier(L.LightningModule):
 
     # -- the model as a function -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, K) of model input (N, C, H, W) (what :class:`Preprocess` makes)."""
-        return self.net(x)
+        """Logits (N, K) of model input (N, C, H, W) (what :class:`Preprocess` makes); a
+        decision-tree model's question outputs are left out (:meth:`split_outputs`)."""
+        return self.split_outputs(self.net(x))[0]
+
+    def split_outputs(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's outputs as (class logits (N, K), the tree's outputs (N, A) or None)."""
+        if self.tree is None:
+            return outputs, None
+        k = self.spec.num_classes
+        return outputs[:, :k], outputs[:, k:]
 
     def view_logits(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Logits (V, N, K) of the views of each image: V = 1, or the 8 symmetric views (rotations
@@ -257,11 +328,16 @@ class GalaxyClassifier(L.LightningModule):
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
     # -- steps -------------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        targets = batch[2] if len(batch) > 2 else labels  # soft targets, when the data has them
-        logits = (self._train_forward or self.net)(images)
+        extras = batch[2] if len(batch) > 2 else {}
+        targets = extras.get("targets", labels)  # soft targets, when the data has them
+        logits, tree_outputs = self.split_outputs((self._train_forward or self.net)(images))
         loss = self.risk(logits, targets, self.hparams.label_smoothing)
+        if self.tree is not None:
+            tree_loss = tree_risk(tree_outputs, extras["votes"], self.tree, self.task["loss"])
+            self.log("train/tree_loss", tree_loss, on_step=True, on_epoch=False)
+            loss = self.task["class_weight"] * loss + tree_loss
         self.train_acc.update(logits.detach().argmax(1), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -306,9 +382,18 @@ class GalaxyClassifier(L.LightningModule):
         saved = [p for p in saved if p.is_file()]
         return fix + (f"; the last checkpoint, written before it: {saved[0]}" if saved else "")
 
-    def _evaluate(self, stage: str, batch: tuple[torch.Tensor, ...], tta: bool) -> torch.Tensor:
+    def _evaluate(self, stage: str, batch: tuple[Any, ...], tta: bool) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        logits = self.view_logits(images, tta)
+        if self.tree is not None:  # each question against the volunteers' votes (one view)
+            logits, tree_outputs = self.split_outputs(self.net(images).float())
+            votes = batch[2]["votes"]
+            getattr(self, f"{stage}_tree_loss").update(
+                tree_risk(tree_outputs, votes, self.tree, self.task["loss"]), weight=len(votes))
+            getattr(self, f"{stage}_questions").update(
+                predicted_fractions(tree_outputs, self.tree, self.task["loss"]), votes)
+            logits = self.view_logits(images, tta) if tta else logits[None]
+        else:
+            logits = self.view_logits(images, tta)
         log_probs = self.combine_views(logits, self.temperature if self.calibrated else 1.0)
         probs = log_probs.exp()
         getattr(self, f"{stage}_loss").update(F.nll_loss(log_probs, labels), weight=len(labels))
@@ -339,6 +424,14 @@ class GalaxyClassifier(L.LightningModule):
         loss.reset()
         self.summaries[stage] = {name: results.pop(f"{stage}/{name}") for name in SUMMARIES}
         results[f"{stage}/ece_floor"] = ece_floor(self.summaries[stage]["reliability"])
+        if self.tree is not None:
+            questions, tree_loss = getattr(self, f"{stage}_questions"), \
+                getattr(self, f"{stage}_tree_loss")
+            results.update({f"{stage}/tree/" + "/".join(map(metric_slug, k.split("/"))): v
+                            for k, v in questions.compute().items()})
+            results[f"{stage}/tree_loss"] = tree_loss.compute()
+            questions.reset()
+            tree_loss.reset()
         return results
 
     def on_validation_epoch_end(self) -> None:

@@ -129,7 +129,8 @@ def build_module(cfg: DictConfig, datamodule: GalaxyDataModule) -> GalaxyClassif
                               optimizer=resolved(cfg.optimizer),
                               scheduler=resolved(cfg.get("scheduler")) or None,
                               label_smoothing=float(cfg.get("label_smoothing", 0.0)),
-                              data=resolved(cfg.data), compile=bool(cfg.perf.compile))
+                              data=resolved(cfg.data), compile=bool(cfg.perf.compile),
+                              task=resolved(cfg.get("task")))
     return module.set_inference(tta=bool(cfg.get("tta", False)))
 
 

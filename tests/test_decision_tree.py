@@ -182,3 +182,40 @@ def test_simulated_volunteers_walk_the_tree(tmp_path: Path) -> None:
     assert np.array_equal(data.columns["votes"], simulate(3, 32, 1, votes=True)[2])
     with pytest.raises(ConfigError, match="simulated volunteers answer the gz_decals_dr5 tree"):
         SyntheticGalaxies(3, tree="gz2")
+
+
+@pytest.mark.slow
+def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
+        tmp_path: Path, make_cfg: object) -> None:
+    """task=decision_tree end to end: one network with the class logits and an output group
+    per question, trained on simulated volunteers' votes; per-question metrics in metrics.json;
+    its checkpoint evaluates again with the same metrics."""
+    import json
+
+    from galaxy_lightning.evaluate import evaluate
+    from galaxy_lightning.train import train
+
+    cfg = make_cfg("task=decision_tree", "data.source.tree=gz_decals_dr5",  # type: ignore[operator]
+                   "task.class_weight=0.5", "task.min_votes=5")
+    metrics = train(cfg)
+    assert math.isfinite(metrics["test/tree_loss"]) and 0 < metrics["test/tree/mae"] < 1
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for q in TREES["gz_decals_dr5"].questions:
+        slug = q.name.replace("-", "_")
+        assert 0 <= written[f"test/tree/{slug}/mae"] <= 1, q.name
+        assert f"test/tree/{slug}/acc_confident" in written
+    assert written["test/tree/smooth_or_featured/n_confident"] > 0
+    again = evaluate(written["checkpoint"], tmp_path / "eval", accelerator="cpu")
+    assert math.isclose(again["test/tree/mae"], written["test/tree/mae"], rel_tol=1e-4)
+    assert math.isclose(again["test/tree_loss"], written["test/tree_loss"], rel_tol=1e-4)
+
+
+def test_a_decision_tree_needs_vote_counts(make_cfg: object) -> None:
+    from galaxy_lightning.train import build_and_prepare
+
+    with pytest.raises(ConfigError, match="has no vote counts, which task=decision_tree learns"):
+        build_and_prepare(make_cfg("task=decision_tree"))  # type: ignore[operator]
+    from galaxy_lightning.config import validate_config
+
+    with pytest.raises(ConfigError, match="task.loss='votes' must be dirichlet"):
+        validate_config(make_cfg("task=decision_tree", "task.loss=votes"))  # type: ignore[operator]

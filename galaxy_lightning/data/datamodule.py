@@ -156,25 +156,31 @@ class ResumableLoader(DataLoader):
 
 class TensorBatches(Dataset):
     """Images and labels; ``self[index_tensor]`` is a whole batch: (images, labels), or
-    (images, labels, targets) with soft targets. The images are a tensor in memory, or the rows
-    of the prepared file read on demand (:class:`~galaxy_lightning.data.streaming.H5Rows`). ``columns`` keeps the split's per-row catalog
-    identity (``id``, ``ra``, ``dec``) for outputs that name objects."""
+    (images, labels, extras) where extras maps ``targets`` (soft targets) and/or ``votes``
+    (vote counts of a decision tree) to their rows. The images are a tensor in memory, or the
+    rows of the prepared file read on demand (:class:`~galaxy_lightning.data.streaming.H5Rows`).
+    ``columns`` keeps the split's per-row catalog identity (``id``, ``ra``, ``dec``) for outputs
+    that name objects."""
 
     def __init__(self, images: torch.Tensor | H5Rows, labels: torch.Tensor,
                  targets: torch.Tensor | None = None,
-                 columns: dict[str, np.ndarray] | None = None) -> None:
+                 columns: dict[str, np.ndarray] | None = None,
+                 votes: torch.Tensor | None = None) -> None:
         self.images = images
         self.labels = labels
         self.targets = targets
+        self.votes = votes
         self.columns = columns or {}
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, index: torch.Tensor) -> tuple[Any, ...]:
         index = index.to(self.labels.device, non_blocking=True)
-        if self.targets is not None:
-            return self.images[index], self.labels[index], self.targets[index]
+        extras = {name: values[index] for name, values in
+                  (("targets", self.targets), ("votes", self.votes)) if values is not None}
+        if extras:
+            return self.images[index], self.labels[index], extras
         return self.images[index], self.labels[index]
 
 
@@ -250,7 +256,8 @@ class GalaxyDataModule(L.LightningDataModule):
                  max_shift: float = 2.0, folds: int | None = None, fold: int = 0,
                  soft_targets: bool = False, overfit_batches: int = 0, test_only: bool = False,
                  device_resident: bool = False, in_memory: bool | str = True,
-                 stream_workers: int | None = None, stream_block: int = 32) -> None:
+                 stream_workers: int | None = None, stream_block: int = 32,
+                 votes: bool = False) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -270,6 +277,7 @@ class GalaxyDataModule(L.LightningDataModule):
         self.folds = folds
         self.fold = fold
         self.soft_targets = soft_targets
+        self.votes = votes
         if not isinstance(overfit_batches, int) or overfit_batches < 0:
             raise ConfigError(f"overfit_batches={overfit_batches} must be 0 (off) or a number of "
                               "batches")
@@ -305,6 +313,11 @@ class GalaxyDataModule(L.LightningDataModule):
         self.preprocess = Preprocess(info.spec)
         if not (self.test_only or info.has_split):
             resolve_split_sizes(self.splits, info.num_images, self._path)
+        if self.votes and "votes" not in info.columns:
+            raise ConfigError(f"{self._path} has no vote counts, which task=decision_tree learns; "
+                              "use data whose source keeps a decision tree's votes "
+                              "(data.source.tree=gz_decals_dr5 with data=catalog or "
+                              "data=synthetic)")
         if self.soft_targets and "targets" not in info.columns:
             raise ConfigError(f"soft_targets=true but {self._path} has no soft targets (they come "
                               "from vote fractions: data=catalog with votes)")
@@ -344,6 +357,8 @@ class GalaxyDataModule(L.LightningDataModule):
             index = split_indices(data.labels, data.split, self.splits, self.split_seed, self.path,
                                   self.folds, self.fold)
         targets = torch.from_numpy(data.columns["targets"]) if self.soft_targets else None
+        # vote counts: every split (evaluation measures each question against them)
+        votes = torch.from_numpy(data.columns["votes"]) if self.votes else None
         identity = {k: v for k, v in data.columns.items() if k in ("id", "ra", "dec")}
         # Each split is one contiguous copy: batches then gather from a compact array. On a GPU,
         # device_resident keeps the uint8 splits on the device (1/4 the size of floats), so a
@@ -358,7 +373,8 @@ class GalaxyDataModule(L.LightningDataModule):
                 name: TensorBatches(H5Rows(self.path, idx.numpy(), shape), labels[idx].contiguous(),
                                       targets[idx].contiguous()
                                       if targets is not None and name == "train" else None,
-                                      {k: v[idx.numpy()] for k, v in identity.items()})
+                                      {k: v[idx.numpy()] for k, v in identity.items()},
+                                      votes[idx].contiguous() if votes is not None else None)
                 for name, idx in index.items()}
             return
         images = torch.from_numpy(data.images)
@@ -368,7 +384,8 @@ class GalaxyDataModule(L.LightningDataModule):
                                 # soft targets train; evaluation measures against the labels
                                 targets[idx].contiguous().to(device)
                                 if targets is not None and name == "train" else None,
-                                {k: v[idx.numpy()] for k, v in identity.items()})
+                                {k: v[idx.numpy()] for k, v in identity.items()},
+                                votes[idx].contiguous().to(device) if votes is not None else None)
             for name, idx in index.items()}
 
     def teardown(self, stage: str | None = None) -> None:
@@ -439,7 +456,8 @@ class GalaxyDataModule(L.LightningDataModule):
             train = self.split("train")
             n = min(len(train), self.overfit_batches * self.batch_size)
             subset = TensorBatches(train.images[:n], train.labels[:n],
-                                   train.targets[:n] if train.targets is not None else None)
+                                   train.targets[:n] if train.targets is not None else None,
+                                   votes=train.votes[:n] if train.votes is not None else None)
             sampler = EpochBatchSampler(n, self.batch_size, shuffle=False, drop_last=True)
             return DataLoader(subset, sampler=sampler, batch_size=None, num_workers=0,
                               generator=_own_generator())
