@@ -299,3 +299,20 @@ def predicted_fractions(outputs: torch.Tensor, tree: DecisionTree,
     if loss == "dirichlet":
         return expected_fractions(concentrations(outputs), tree)
     return torch.cat([torch.softmax(outputs[:, a:b].float(), dim=1) for a, b in tree.slices], 1)
+
+
+def fraction_intervals(concentrations: torch.Tensor, tree: DecisionTree,
+                       level: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """The central ``level`` interval of every answer's vote fraction under the predicted
+    Dirichlet: its marginal is ``Beta(alpha_a, sum(alpha) - alpha_a)`` (scipy's exact
+    quantiles; torch's Beta has no inverse CDF)."""
+    from scipy.stats import beta  # deferred: only predictions ask for intervals
+
+    alpha = concentrations.detach().double().cpu().numpy()
+    low, high = np.empty_like(alpha), np.empty_like(alpha)
+    tail = (1 - level) / 2
+    for a, b in tree.slices:
+        rest = alpha[:, a:b].sum(1, keepdims=True) - alpha[:, a:b]
+        low[:, a:b] = beta.ppf(tail, alpha[:, a:b], rest)
+        high[:, a:b] = beta.ppf(1 - tail, alpha[:, a:b], rest)
+    return torch.from_numpy(low).float(), torch.from_numpy(high).float()

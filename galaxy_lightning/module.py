@@ -53,6 +53,8 @@ from galaxy_lightning.data.augment import dihedral_views
 from galaxy_lightning.decision_tree import (
     DecisionTree,
     check_task,
+    concentrations,
+    fraction_intervals,
     predicted_fractions,
     tree_risk,
 )
@@ -316,6 +318,20 @@ class GalaxyClassifier(L.LightningModule):
         """p(k|x), (N, K), of uint8 images (N, S, S, C) already in the training geometry, with
         this module's inference options: what prediction and export compute."""
         return self.log_probs(self.preprocess(images.to(self.device)), self.tta).exp()
+
+    @torch.no_grad()
+    def answer_fractions(self, images: torch.Tensor, level: float = 0.9
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decision-tree model's predicted vote fraction of every answer of uint8 images
+        (N, S, S, C), and the central ``level`` interval of each (from the Dirichlet's
+        concentrations; with ``task.loss=fractions`` the interval is the point itself)."""
+        assert self.tree is not None, "only task=decision_tree models answer the questions"
+        _, outputs = self.split_outputs(self.net(self.preprocess(images.to(self.device))).float())
+        assert outputs is not None
+        fractions = predicted_fractions(outputs, self.tree, self.task["loss"]).cpu()
+        if self.task["loss"] != "dirichlet":
+            return fractions, fractions, fractions
+        return (fractions, *fraction_intervals(concentrations(outputs), self.tree, level))
 
     @staticmethod
     def risk(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

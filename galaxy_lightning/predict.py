@@ -131,20 +131,34 @@ def h5_batches(path: Path, key: str, block: int = 1024
 
 
 class PredictionWriter:
-    """The CSV: identity columns (when any input has them), file, prediction, probabilities."""
+    """The CSV: identity columns (when any input has them), file, prediction, probabilities;
+    for a decision-tree model (``module.tree``), every answer's predicted vote fraction
+    ``<question>_<answer>_fraction`` and its 90% interval (``_low``, ``_high``), the columns of
+    a Galaxy Zoo catalog."""
 
-    def __init__(self, f: Any, names: list[str], identity: bool) -> None:
+    def __init__(self, f: Any, module: GalaxyClassifier, names: list[str], identity: bool) -> None:
         self.writer = csv.writer(f)
+        self.module = module
         self.identity = identity
         self.names = names
+        tree = module.tree
+        answers = [f"{c}_fraction{end}" for c in tree.answer_columns
+                   for end in ("", "_low", "_high")] if tree is not None else []
         self.writer.writerow([*(IDENTITY if identity else ()), "file", "predicted_class",
-                              "predicted_index", *[f"p_{n}" for n in names]])
+                              "predicted_index", *[f"p_{n}" for n in names], *answers])
 
-    def rows(self, files: list[str], probs: torch.Tensor, columns: dict[str, np.ndarray]) -> None:
-        for i, (name, p) in enumerate(zip(files, probs.tolist())):
+    def rows(self, files: list[str], images: torch.Tensor, columns: dict[str, np.ndarray]) -> None:
+        """Predict ``images`` (uint8, in the training geometry) and write one row each."""
+        probs = self.module.probabilities(images).tolist()
+        tree: list[list[float]] = [[] for _ in files]
+        if self.module.tree is not None:
+            fractions, low, high = self.module.answer_fractions(images)
+            tree = torch.stack([fractions, low, high], dim=2).flatten(1).tolist()
+        for i, (name, p) in enumerate(zip(files, probs)):
             k = int(np.argmax(p))
             ident = [columns[c][i] if c in columns else "" for c in IDENTITY] if self.identity else []
-            self.writer.writerow([*ident, name, self.names[k], k, *[f"{x:.6g}" for x in p]])
+            self.writer.writerow([*ident, name, self.names[k], k, *[f"{x:.6g}" for x in p],
+                                  *[f"{x:.4f}" for x in tree[i]]])
 
 
 @torch.no_grad()
@@ -186,7 +200,7 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
     done = 0
     with atomic_file(out_csv, "w", newline="") as f, \
             console.progress(desc="predicting", unit="img", enabled=progress) as bar:
-        writer = PredictionWriter(f, list(spec.class_names),
+        writer = PredictionWriter(f, module, list(spec.class_names),
                                   identity=bool(job_columns) or bool(h5_inputs))
         pending: list[tuple[int, np.ndarray]] = []
 
@@ -194,8 +208,8 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
             nonlocal done
             if pending:
                 index = [i for i, _ in pending]
-                probs = module.probabilities(torch.from_numpy(np.stack([img for _, img in pending])))
-                writer.rows([jobs[i][0] for i in index], probs,
+                writer.rows([jobs[i][0] for i in index],
+                            torch.from_numpy(np.stack([img for _, img in pending])),
                             {k: v[index] for k, v in job_columns.items()})
                 done += len(pending)
                 bar.update(len(pending))
@@ -219,8 +233,7 @@ def predict(checkpoint: str | Path, inputs: list[str], out_csv: str | Path, batc
                 except ConfigError as err:
                     skipped.append((str(h5), str(err)))
                     break
-                writer.rows(names, module.probabilities(torch.from_numpy(np.ascontiguousarray(images))),
-                            columns)
+                writer.rows(names, torch.from_numpy(np.ascontiguousarray(images)), columns)
                 done += len(names)
                 bar.update(len(names))
     return done, skipped

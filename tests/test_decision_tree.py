@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from galaxy_lightning.config import validate_config
+from galaxy_lightning.data.catalog import CatalogSource
+from galaxy_lightning.data.prepared import read_prepared
+from galaxy_lightning.data.synthetic import SyntheticGalaxies, simulate
 from galaxy_lightning.decision_tree import (
     TREES,
     DecisionTree,
@@ -19,6 +25,13 @@ from galaxy_lightning.decision_tree import (
     tree,
 )
 from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.evaluate import evaluate
+from galaxy_lightning.export import export
+from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.predict import predict
+from galaxy_lightning.train import build_and_prepare, train
+
+from .helpers import write_prepared
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gz_decals_sample"
 TWO = DecisionTree.from_dict({"name": "two", "questions": [
@@ -122,8 +135,6 @@ def test_a_tree_round_trips_through_its_dict() -> None:
 
 
 def test_a_catalog_prepares_with_the_vote_counts_of_its_tree(tmp_path: Path) -> None:
-    from galaxy_lightning.data.catalog import CatalogSource
-    from galaxy_lightning.data.prepared import read_prepared
 
     def source(catalog: str, schema: str) -> CatalogSource:
         return CatalogSource(str(SAMPLE / catalog), ["png_loc"], image_root=str(SAMPLE),
@@ -151,11 +162,6 @@ def test_simulated_volunteers_walk_the_tree(tmp_path: Path) -> None:
     """Later questions are asked only of the volunteers who gave the answers that lead to them,
     the numbers of volunteers vary, the votes follow what was drawn, and the images do not
     change when volunteers are simulated."""
-    import numpy as np
-
-    from galaxy_lightning.data.prepared import read_prepared
-    from galaxy_lightning.data.synthetic import SyntheticGalaxies, simulate
-
     images, labels, votes = simulate(20, image_size=32, seed=1, votes=True)
     assert np.array_equal(images, simulate(20, image_size=32, seed=1)[0])
     schema = TREES["gz_decals_dr5"]
@@ -190,11 +196,6 @@ def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
     """task=decision_tree end to end: one network with the class logits and an output group
     per question, trained on simulated volunteers' votes; per-question metrics in metrics.json;
     its checkpoint evaluates again with the same metrics."""
-    import json
-
-    from galaxy_lightning.evaluate import evaluate
-    from galaxy_lightning.train import train
-
     cfg = make_cfg("task=decision_tree", "data.source.tree=gz_decals_dr5",  # type: ignore[operator]
                    "task.class_weight=0.5", "task.min_votes=5")
     metrics = train(cfg)
@@ -209,13 +210,32 @@ def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
     assert math.isclose(again["test/tree/mae"], written["test/tree/mae"], rel_tol=1e-4)
     assert math.isclose(again["test/tree_loss"], written["test/tree_loss"], rel_tol=1e-4)
 
+    # predictions: every answer's fraction with its interval; exports carry the tree
+
+    images, labels = simulate(2, image_size=32, seed=9)
+    h5 = write_prepared(tmp_path / "new.h5", images, labels,
+                        InputSpec(class_names=tuple("abcdefg"), channels=3, image_size=32), {})
+    done, _ = predict(written["checkpoint"], [str(h5)], tmp_path / "p.csv", progress=False)
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    schema = TREES["gz_decals_dr5"]
+    assert done == len(rows) == 14
+    for row in rows:
+        for q in schema.questions:
+            values = np.array([float(row[f"{c}_fraction"]) for c in q.columns])
+            assert abs(values.sum() - 1) < 2e-3, q.name
+            for c in q.columns:
+                assert float(row[f"{c}_fraction_low"]) <= float(row[f"{c}_fraction"]) \
+                    <= float(row[f"{c}_fraction_high"])
+    export(written["checkpoint"], tmp_path / "export", formats=("pt2",))
+    meta = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert meta["input_spec"]["tree"] == schema.to_dict()
+
 
 def test_a_decision_tree_needs_vote_counts(make_cfg: object) -> None:
-    from galaxy_lightning.train import build_and_prepare
 
     with pytest.raises(ConfigError, match="has no vote counts, which task=decision_tree learns"):
         build_and_prepare(make_cfg("task=decision_tree"))  # type: ignore[operator]
-    from galaxy_lightning.config import validate_config
 
     with pytest.raises(ConfigError, match="task.loss='votes' must be dirichlet"):
         validate_config(make_cfg("task=decision_tree", "task.loss=votes"))  # type: ignore[operator]
