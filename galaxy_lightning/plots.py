@@ -102,6 +102,34 @@ def reliability_diagram_figure(count: Sequence[float], confidence: Sequence[floa
     return fig
 
 
+def question_metrics_figure(questions: Sequence[str], mae: Sequence[float],
+                            acc_confident: Sequence[float], n_confident: Sequence[float],
+                            title: str = "Decision tree, per question") -> Figure:
+    """Per question of a Galaxy Zoo tree: the mean absolute error of the predicted vote
+    fractions, and the accuracy of the most-voted answer on galaxies where the volunteers were
+    confident (with how many there were: a question few galaxies reach is measured on few)."""
+    y = np.arange(len(questions))[::-1]
+    fig, (ax_mae, ax_acc) = plt.subplots(1, 2, figsize=(9.0, 0.42 * len(questions) + 1.4),
+                                         sharey=True, layout="constrained")
+    mae = np.asarray(mae, dtype=float)
+    acc = np.asarray(acc_confident, dtype=float)
+    ax_mae.barh(y, np.nan_to_num(mae), color="tab:orange")
+    ax_mae.set_yticks(y, list(questions), fontsize=8)
+    ax_mae.set_xlabel("vote-fraction MAE (lower is better)")
+    ax_mae.grid(alpha=0.3, axis="x")
+    ax_acc.barh(y, np.nan_to_num(acc), color="tab:blue")
+    for yi, a, n in zip(y, acc, n_confident):
+        inside = np.nan_to_num(a) > 0.6  # the label inside a long bar, in white
+        ax_acc.text(min(np.nan_to_num(a), 0.98), yi, f" {'-' if np.isnan(a) else f'{a:.2f}'} "
+                    f"(n={int(n)}) ", va="center", fontsize=7, ha="right" if inside else "left",
+                    color="white" if inside else "black")
+    ax_acc.set_xlim(0, 1)
+    ax_acc.set_xlabel("accuracy on confident galaxies")
+    ax_acc.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    return fig
+
+
 def display_image(image: np.ndarray, display: Mapping[str, Any] | None = None) -> np.ndarray:
     """A uint8 (H, W, C) image as a person should see it: as stored (survey cutouts and FITS
     images are stretched already), or with ``display={"stretch": "asinh"}`` an asinh stretch

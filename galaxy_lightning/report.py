@@ -35,7 +35,7 @@ LEGACY_VIEWER = "https://www.legacysurvey.org/viewer?ra={ra:.6f}&dec={dec:.6f}&l
 #: The figures a run writes, by the report's name for them.
 FIGURES = {"confusion": "confusion_matrix.png", "reliability": "reliability_diagram.png",
            "examples": "examples.png", "mistakes": "mistakes.png",
-           "accuracy_curve": "accuracy_curve.png"}
+           "accuracy_curve": "accuracy_curve.png", "tree_questions": "tree_questions.png"}
 
 
 def _version() -> str:

@@ -28,6 +28,7 @@ from galaxy_lightning.data.images import describe_stretch
 from galaxy_lightning.files import atomic_file, write_atomic
 from galaxy_lightning.loggers import log_artifact, log_image, set_tensorboard_layout, takes_images
 from galaxy_lightning.models import count_parameters
+from galaxy_lightning.module import metric_slug
 from galaxy_lightning.perf import run_environment
 from galaxy_lightning.plots import (
     accuracy_curve_figure,
@@ -37,6 +38,7 @@ from galaxy_lightning.plots import (
     image_grid_figure,
     mistakes_figure,
     png_data_uri,
+    question_metrics_figure,
     reliability_diagram_figure,
 )
 
@@ -231,6 +233,15 @@ class RunArtifacts(L.Callback):
                       f"\nperfectly calibrated model on {int(sum(count))} images")
         self._figure(trainer, reliability_diagram_figure(count, confidence, correct, title=title),
                      "test/reliability_diagram", "reliability_diagram.png")
+        tree = getattr(pl_module, "tree", None)
+        if tree is not None:  # task=decision_tree: each question against the volunteers
+            slugs = [metric_slug(q.name) for q in tree.questions]
+            self._figure(trainer, question_metrics_figure(
+                [q.name for q in tree.questions],
+                *([scalars.get(f"test/tree/{q}/{m}", float("nan")) for q in slugs]
+                  for m in ("mae", "acc_confident", "n_confident")),
+                title=f"Test, per question (mean MAE {scalars.get('test/tree/mae', float('nan')):.3f})"),
+                "test/tree_questions", "tree_questions.png")
         h = self.history
         checkpoint = trainer.checkpoint_callback
         metrics = {
