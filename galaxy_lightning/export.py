@@ -37,6 +37,7 @@ from galaxy_lightning.checkpoints import load_classifier
 from galaxy_lightning.errors import CheckpointError, ConfigError, cli_boundary
 from galaxy_lightning.files import atomic_file, atomic_path, write_atomic
 from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.decision_tree import DecisionTree, predicted_fractions
 from galaxy_lightning.module import GalaxyClassifier
 
 FORMATS = {"pt2": "model.pt2", "onnx": "model.onnx"}
@@ -48,14 +49,23 @@ METADATA_FORMAT = 1
 
 class ExportedClassifier(nn.Module):
     """uint8 (N, H, W, C) -> probabilities (N, K) with the classifier's preprocessing and
-    inference options: what :meth:`GalaxyClassifier.probabilities` computes."""
+    inference options: what :meth:`GalaxyClassifier.probabilities` computes; a decision-tree
+    model appends every answer's predicted vote fraction, (N, K + A), as
+    :meth:`GalaxyClassifier.answer_fractions` (one output, so that ONNX and .pt2 read alike)."""
 
     def __init__(self, module: GalaxyClassifier) -> None:
         super().__init__()
         self.module = module
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module.log_probs(self.module.preprocess(images), self.module.tta).exp()
+        x = self.module.preprocess(images)
+        probs = self.module.log_probs(x, self.module.tta).exp()
+        tree = self.module.tree
+        if tree is None:
+            return probs
+        _, outputs = self.module.split_outputs(self.module.net(x).float())
+        assert outputs is not None
+        return torch.cat([probs, predicted_fractions(outputs, tree, self.module.task["loss"])], 1)
 
 
 def exportable(module: GalaxyClassifier) -> ExportedClassifier:
@@ -78,7 +88,10 @@ def metadata(module: GalaxyClassifier, checkpoint: str | Path | None = None) -> 
                   "width": spec.image_size, "channels": spec.channels},
         "input_spec": spec.to_dict(),
         "inference": {**module.inference, "temperature": float(module.temperature)},
-        "output": "class probabilities (N, K)", "class_names": list(spec.class_names),
+        "output": "class probabilities (N, K)" + (
+            ", then the predicted vote fraction of every answer of the input spec's decision "
+            "tree (N, K + A)" if module.tree is not None else ""),
+        "class_names": list(spec.class_names),
         "checkpoint": None if checkpoint is None else str(checkpoint)}
 
 
@@ -205,15 +218,16 @@ class ExportedModel:
         self.metadata = meta
         self.spec = InputSpec.from_dict(meta["input_spec"])
         self.inference: dict[str, Any] = dict(meta.get("inference", {}))
+        #: the Galaxy Zoo decision tree whose answers the model also predicts (None: classes only)
+        self.tree = DecisionTree.from_dict(self.spec.tree) if self.spec.tree is not None else None
 
     @property
     def class_names(self) -> list[str]:
         return list(self.spec.class_names)
 
-    def __call__(self, images: np.ndarray | torch.Tensor, allow_resize: bool = False,
-                 batch_size: int = 256) -> np.ndarray:
-        """Probabilities (N, K) of uint8 images (N, H, W[, C]) of any size the spec covers;
-        ``allow_resize`` center-crops and resizes other sizes (as ``galaxy-predict --resize``)."""
+    def _outputs(self, images: np.ndarray | torch.Tensor, allow_resize: bool,
+                 batch_size: int) -> np.ndarray:
+        """The exported program's whole output: probabilities, then any answers' fractions."""
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
         images = np.asarray(images)
@@ -225,10 +239,26 @@ class ExportedModel:
             ready = self.spec.conform(images, allow_resize)
         except ConfigError as err:
             raise type(err)(f"images of shape {images.shape}: {err}") from None
+        width = self.spec.num_classes + (self.tree.num_answers if self.tree is not None else 0)
         if not len(ready):
-            return np.zeros((0, self.spec.num_classes), np.float32)
+            return np.zeros((0, width), np.float32)
         return np.concatenate([self._run(np.ascontiguousarray(ready[i:i + batch_size]))
                                for i in range(0, len(ready), max(1, batch_size))])
+
+    def __call__(self, images: np.ndarray | torch.Tensor, allow_resize: bool = False,
+                 batch_size: int = 256) -> np.ndarray:
+        """Probabilities (N, K) of uint8 images (N, H, W[, C]) of any size the spec covers;
+        ``allow_resize`` center-crops and resizes other sizes (as ``galaxy-predict --resize``)."""
+        return self._outputs(images, allow_resize, batch_size)[:, :self.spec.num_classes]
+
+    def answer_fractions(self, images: np.ndarray | torch.Tensor, allow_resize: bool = False,
+                         batch_size: int = 256) -> np.ndarray:
+        """A decision-tree model's predicted vote fraction of every answer (N, A), in the order
+        of ``self.tree.answer_columns``."""
+        if self.tree is None:
+            raise ConfigError(f"{self.path} was not trained with task=decision_tree: it predicts "
+                              "classes only")
+        return self._outputs(images, allow_resize, batch_size)[:, self.spec.num_classes:]
 
 
 def load_exported(path: str | Path, providers: list[str] | None = None) -> ExportedModel:

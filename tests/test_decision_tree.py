@@ -26,7 +26,8 @@ from galaxy_lightning.decision_tree import (
 )
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.evaluate import evaluate
-from galaxy_lightning.export import export
+from galaxy_lightning.checkpoints import load_classifier
+from galaxy_lightning.export import export, load_exported
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.predict import predict
 from galaxy_lightning.train import build_and_prepare, train
@@ -232,6 +233,13 @@ def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
     export(written["checkpoint"], tmp_path / "export", formats=("pt2",))
     meta = json.loads((tmp_path / "export" / "model.json").read_text())
     assert meta["input_spec"]["tree"] == schema.to_dict()
+    exported = load_exported(tmp_path / "export" / "model.pt2")
+    assert exported.tree == schema
+    module = load_classifier(written["checkpoint"])
+    batch = torch.from_numpy(images)
+    assert np.allclose(exported(images), module.probabilities(batch).numpy(), atol=1e-5)
+    assert np.allclose(exported.answer_fractions(images), module.answer_fractions(batch)[0].numpy(),
+                       atol=1e-5)
 
 
 def test_a_decision_tree_needs_vote_counts(make_cfg: object) -> None:
