@@ -245,7 +245,8 @@ def expected_fractions(concentrations: torch.Tensor, tree: DecisionTree) -> torc
 # -- the task: what a run learns ------------------------------------------------------------------
 #: The keys of ``task`` (``conf/task/``) and their defaults for a decision tree.
 TASK_DEFAULTS: dict[str, Any] = {"name": "classification", "loss": "dirichlet",
-                                 "class_weight": 1.0, "confident": 0.8, "min_votes": 10}
+                                 "class_weight": 1.0, "confident": 0.8, "min_votes": 10,
+                                 "questions": None}
 
 
 def check_task(task: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -268,7 +269,22 @@ def check_task(task: Mapping[str, Any] | None) -> dict[str, Any]:
                           "[0.5, 1]")
     if not (isinstance(task["min_votes"], int) and task["min_votes"] >= 1):
         raise ConfigError(f"task.min_votes={task['min_votes']} must be a positive integer")
+    questions = task["questions"]
+    if questions is not None and (not isinstance(questions, (list, tuple)) or not questions
+                                  or not all(isinstance(q, str) for q in questions)):
+        raise ConfigError(f"task.questions={questions} must be null (every question) or a "
+                          "non-empty list of question names")
     return task
+
+
+def question_mask(tree: DecisionTree, questions: Sequence[str] | None) -> list[bool]:
+    """Which of the tree's questions a run learns (``task.questions``; None: all); a name the
+    tree does not have is refused in one line."""
+    if questions is None:
+        return [True] * len(tree.questions)
+    for name in questions:
+        tree.question(name)  # refuses an unknown name, listing the tree's questions
+    return [q.name in questions for q in tree.questions]
 
 
 def concentrations(outputs: torch.Tensor) -> torch.Tensor:
@@ -278,14 +294,19 @@ def concentrations(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def tree_risk(outputs: torch.Tensor, votes: torch.Tensor, tree: DecisionTree,
-              loss: str = "dirichlet") -> torch.Tensor:
+              loss: str = "dirichlet", learned: Sequence[bool] | None = None) -> torch.Tensor:
     """The mean over galaxies of the summed per-question loss of the vote counts: the
     Dirichlet-multinomial negative log-likelihood, or (``fractions``) the cross-entropy of each
-    question's softmax against its observed vote fractions; questions without votes add 0."""
+    question's softmax against its observed vote fractions; questions without votes add 0, and
+    so do those ``learned`` leaves out (a single-question model)."""
+    learned = list(learned) if learned is not None else [True] * len(tree.questions)
     if loss == "dirichlet":
-        return dirichlet_multinomial_nll(votes, concentrations(outputs), tree).sum(1).mean()
+        nll = dirichlet_multinomial_nll(votes, concentrations(outputs), tree)
+        return nll[:, torch.tensor(learned, device=nll.device)].sum(1).mean()
     total = outputs.new_zeros(len(outputs), dtype=torch.float32)
-    for a, b in tree.slices:
+    for (a, b), keep in zip(tree.slices, learned):
+        if not keep:
+            continue
         k = votes[:, a:b].float()
         n = k.sum(1, keepdim=True)
         fractions = k / n.clamp(min=1)

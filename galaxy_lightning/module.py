@@ -56,6 +56,7 @@ from galaxy_lightning.decision_tree import (
     concentrations,
     fraction_intervals,
     predicted_fractions,
+    question_mask,
     tree_risk,
 )
 from galaxy_lightning.errors import ConfigError, TrainingDiverged
@@ -212,6 +213,8 @@ class GalaxyClassifier(L.LightningModule):
                 raise ConfigError("task=decision_tree needs data with a decision tree's vote "
                                   "counts (data.source.tree=gz_decals_dr5)")
             self.tree = DecisionTree.from_dict(self.spec.tree)
+            #: the questions whose votes train the network (task.questions; default: all)
+            self.learned = question_mask(self.tree, self.task["questions"])
         extra = self.tree.num_answers if self.tree is not None else 0
         self.net: nn.Module = construct(model, "model", in_channels=self.spec.channels,
                                         num_classes=self.spec.num_classes + extra,
@@ -351,7 +354,8 @@ class GalaxyClassifier(L.LightningModule):
         logits, tree_outputs = self.split_outputs((self._train_forward or self.net)(images))
         loss = self.risk(logits, targets, self.hparams.label_smoothing)
         if self.tree is not None:
-            tree_loss = tree_risk(tree_outputs, extras["votes"], self.tree, self.task["loss"])
+            tree_loss = tree_risk(tree_outputs, extras["votes"], self.tree, self.task["loss"],
+                                  self.learned)
             self.log("train/tree_loss", tree_loss, on_step=True, on_epoch=False)
             loss = self.task["class_weight"] * loss + tree_loss
         self.train_acc.update(logits.detach().argmax(1), labels)
@@ -404,7 +408,8 @@ class GalaxyClassifier(L.LightningModule):
             logits, tree_outputs = self.split_outputs(self.net(images).float())
             votes = batch[2]["votes"]
             getattr(self, f"{stage}_tree_loss").update(
-                tree_risk(tree_outputs, votes, self.tree, self.task["loss"]), weight=len(votes))
+                tree_risk(tree_outputs, votes, self.tree, self.task["loss"], self.learned),
+                weight=len(votes))
             getattr(self, f"{stage}_questions").update(
                 predicted_fractions(tree_outputs, self.tree, self.task["loss"]), votes)
             logits = self.view_logits(images, tta) if tta else logits[None]

@@ -20,9 +20,12 @@ from galaxy_lightning.data.synthetic import SyntheticGalaxies, simulate
 from galaxy_lightning.decision_tree import (
     TREES,
     DecisionTree,
+    concentrations,
     dirichlet_multinomial_nll,
     expected_fractions,
+    question_mask,
     tree,
+    tree_risk,
 )
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.evaluate import evaluate
@@ -249,3 +252,18 @@ def test_a_decision_tree_needs_vote_counts(make_cfg: object) -> None:
 
     with pytest.raises(ConfigError, match="task.loss='votes' must be dirichlet"):
         validate_config(make_cfg("task=decision_tree", "task.loss=votes"))  # type: ignore[operator]
+
+
+def test_a_single_question_model_learns_only_its_question() -> None:
+    schema = TREES["gz_decals_dr5"]
+    votes = torch.tensor(simulate(2, image_size=16, seed=0, votes=True)[2])
+    outputs = torch.randn(len(votes), schema.num_answers)
+    per_question = dirichlet_multinomial_nll(votes, concentrations(outputs), schema).mean(0)
+    mask = question_mask(schema, ["bar"])
+    assert math.isclose(tree_risk(outputs, votes, schema, "dirichlet", mask).item(),
+                        per_question[schema.questions.index(schema.question("bar"))].item(),
+                        rel_tol=1e-5)
+    assert math.isclose(tree_risk(outputs, votes, schema).item(), per_question.sum().item(),
+                        rel_tol=1e-5)
+    with pytest.raises(ConfigError, match="has no question 'bars'"):
+        question_mask(schema, ["bars"])
