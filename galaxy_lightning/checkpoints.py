@@ -128,10 +128,17 @@ def _check_same(path: str | Path, checkpoint: dict[str, Any], key: str, what: st
                               "the run's own config (its .hydra/overrides.yaml), or start a new run")
 
 
-def check_model_of_checkpoint(path: str | Path, checkpoint: dict[str, Any], model: Any) -> None:
-    """The checkpoint holds the network the run's model config describes (checked before any
-    data is prepared: a mismatch needs no data to be found)."""
+def check_model_of_checkpoint(path: str | Path, checkpoint: dict[str, Any], model: Any,
+                              task: dict[str, Any] | None = None) -> None:
+    """The checkpoint holds the network the run's model and task configs describe (checked
+    before any data is prepared: a mismatch needs no data to be found). Only the task's name
+    decides the network's outputs (its other keys may change between runs)."""
     _check_same(path, checkpoint, "model", "model", model)
+    saved = (checkpoint["hyper_parameters"].get("task") or {}).get("name", "classification")
+    now = (task or {}).get("name", "classification")
+    if saved != now:
+        raise CheckpointError(f"{path} was trained with task={saved}, not task={now}; use the "
+                              "run's own config (its .hydra/overrides.yaml), or start a new run")
 
 
 def check_data_of_checkpoint(path: str | Path, checkpoint: dict[str, Any],

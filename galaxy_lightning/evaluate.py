@@ -31,6 +31,7 @@ from galaxy_lightning.callbacks import RunArtifacts, progress_bar
 from galaxy_lightning.checkpoints import load_classifier
 from galaxy_lightning.config import construct
 from galaxy_lightning.data.datamodule import GalaxyDataModule
+from galaxy_lightning.data.prepared import read_info
 from galaxy_lightning.errors import CheckpointError, DataError, cli_boundary, config_key
 from galaxy_lightning.files import write_atomic
 from galaxy_lightning.input_spec import InputSpec
@@ -61,8 +62,11 @@ def evaluation_datamodule(module: GalaxyClassifier, prepared: str | None = None,
     """The checkpoint's test split (or all of ``prepared``); refused unless its input spec gives
     the model what it was trained on (:func:`check_input_spec`)."""
     if prepared is not None:
+        # a decision-tree model is measured on the questions too when the file has the votes
+        votes = module.tree is not None and "votes" in read_info(prepared).columns
         datamodule = GalaxyDataModule(PreparedFile(prepared), test_only=True,
-                                      eval_batch_size=batch_size or 1000, in_memory="auto")
+                                      eval_batch_size=batch_size or 1000, in_memory="auto",
+                                      votes=votes)
     else:
         if not module.hparams.get("data"):
             raise CheckpointError("this checkpoint does not record its data config; pass a "
@@ -104,6 +108,8 @@ def check_input_spec(data: InputSpec, model: InputSpec, path: str | Path) -> Non
         mine, theirs = _plain(getattr(data, f.name)), _plain(getattr(model, f.name))
         if theirs is None and f.name in RECORDED_LATER:
             continue
+        if f.name == "tree" and (mine is None or theirs is None):
+            continue  # vote counts beside the pixels: they do not change what the model sees
         if mine != theirs:
             raise DataError(f"{path}: input spec {f.name}={json.dumps(mine, sort_keys=True)} "
                             f"differs from the checkpoint's {f.name}="

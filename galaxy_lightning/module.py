@@ -404,9 +404,9 @@ class GalaxyClassifier(L.LightningModule):
 
     def _evaluate(self, stage: str, batch: tuple[Any, ...], tta: bool) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        if self.tree is not None:  # each question against the volunteers' votes (one view)
+        votes = batch[2].get("votes") if len(batch) > 2 else None
+        if self.tree is not None and votes is not None:  # each question against the votes
             logits, tree_outputs = self.split_outputs(self.net(images).float())
-            votes = batch[2]["votes"]
             getattr(self, f"{stage}_tree_loss").update(
                 tree_risk(tree_outputs, votes, self.tree, self.task["loss"], self.learned),
                 weight=len(votes))
@@ -445,7 +445,7 @@ class GalaxyClassifier(L.LightningModule):
         loss.reset()
         self.summaries[stage] = {name: results.pop(f"{stage}/{name}") for name in SUMMARIES}
         results[f"{stage}/ece_floor"] = ece_floor(self.summaries[stage]["reliability"])
-        if self.tree is not None:
+        if self.tree is not None and getattr(self, f"{stage}_questions").update_called:
             questions, tree_loss = getattr(self, f"{stage}_questions"), \
                 getattr(self, f"{stage}_tree_loss")
             results.update({f"{stage}/tree/" + "/".join(map(metric_slug, k.split("/"))): v

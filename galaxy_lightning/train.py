@@ -114,7 +114,10 @@ def apply_length(cfg: DictConfig, datamodule: GalaxyDataModule, trainer: L.Train
     length = cfg.get("length")
     if not length or cfg.trainer.get("max_steps", -1) != -1:
         return
-    per_epoch = datamodule.train_batches_per_epoch(trainer.world_size)
+    # optimizer steps: with gradient accumulation one per `accumulate` batches (and one for the
+    # rest at the end of an epoch)
+    accumulate = int(trainer.accumulate_grad_batches)
+    per_epoch = -(-datamodule.train_batches_per_epoch(trainer.world_size) // accumulate)
     steps = max(int(length.min_steps), int(length.epochs) * per_epoch)
     with open_dict(cfg):
         cfg.trainer.max_steps = steps
@@ -286,7 +289,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resuming = bool(ckpt_path) and cfg.get("train", True)
     if ckpt_path:  # readable, resumable, the same network: checked before any data is touched
         checkpoint = read_resumable(ckpt_path, resuming=resuming)
-        check_model_of_checkpoint(ckpt_path, checkpoint, resolved(cfg.model))
+        check_model_of_checkpoint(ckpt_path, checkpoint, resolved(cfg.model),
+                                  resolved(cfg.get("task")))
     output_dir = prepare_output_dir(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     perf.apply(cfg.perf.get("tune_malloc", True), cfg.perf.get("threads"),

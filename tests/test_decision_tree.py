@@ -27,9 +27,9 @@ from galaxy_lightning.decision_tree import (
     tree,
     tree_risk,
 )
-from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.errors import CheckpointError, ConfigError, DataError
 from galaxy_lightning.evaluate import evaluate
-from galaxy_lightning.checkpoints import load_classifier
+from galaxy_lightning.checkpoints import check_model_of_checkpoint, load_classifier
 from galaxy_lightning.export import export, load_exported
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.predict import predict
@@ -215,6 +215,20 @@ def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
     again = evaluate(written["checkpoint"], tmp_path / "eval", accelerator="cpu")
     assert math.isclose(again["test/tree/mae"], written["test/tree/mae"], rel_tol=1e-4)
     assert math.isclose(again["test/tree_loss"], written["test/tree_loss"], rel_tol=1e-4)
+    # another prepared file: with the votes, every question is measured; without, the classes
+    data_dir = Path(cfg.paths.data_dir)
+    with_votes = evaluate(written["checkpoint"], tmp_path / "eval_votes", accelerator="cpu",
+                          prepared=str(data_dir / "synthetic_galaxies_n60_s32_seed0_votes.h5"))
+    assert 0 < with_votes["test/tree/mae"] < 1
+    plain = SyntheticGalaxies(60, image_size=32, seed=0).prepare(data_dir, progress=False)
+    classes_only = evaluate(written["checkpoint"], tmp_path / "eval_plain", accelerator="cpu",
+                            prepared=str(plain))
+    assert 0 <= classes_only["test/acc"] <= 1 and "test/tree/mae" not in classes_only
+    with pytest.raises(CheckpointError, match="was trained with task=decision_tree, not "
+                                              "task=classification"):
+        saved = torch.load(written["checkpoint"], weights_only=True)
+        check_model_of_checkpoint(written["checkpoint"], saved,
+                                  saved["hyper_parameters"]["model"], {"name": "classification"})
 
     # predictions: every answer's fraction with its interval; exports carry the tree
 

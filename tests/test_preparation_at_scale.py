@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from galaxy_lightning.data import catalog as catalog_module
-from galaxy_lightning.data.prepared import part_path, read_info, read_prepared
+from galaxy_lightning.data.prepared import read_info, read_prepared
 from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.input_spec import InputSpec
 from galaxy_lightning.prepare import main as galaxy_prepare
@@ -74,7 +74,7 @@ def test_parts_combine_into_the_file_one_process_writes(
         prepare(args, progress=False)
     assert not target.exists()
     galaxy_prepare(["--part", "1/3", *args])
-    parts = [part_path(target, k, 3) for k in range(3)]
+    parts = [next(data_dir.glob(f"*.part-0000{k}-of-00003.h5")) for k in range(3)]
     assert sum(read_info(p).num_images for p in parts) == N - 1  # obj5 skipped, in part 0
     assert prepare(args, progress=False) == target  # combines the three
     with h5py.File(target) as f:
@@ -83,10 +83,13 @@ def test_parts_combine_into_the_file_one_process_writes(
     assert_same_file(whole, target)
     assert read_info(target).provenance["counts"]["unreadable"] == 1
 
+    galaxy_prepare(["--part", "1/3", *args, "data.source.crop=30"])  # another crop's part ...
+    assert len(list(data_dir.glob("*.part-00001-of-00003.h5"))) == 2  # ... beside, not over it
+    assert_same_file(whole, target)
     moved = tmp_path / "moved"  # the folder moves as a whole (the parts are named relatively)
     data_dir.rename(moved)
     assert_same_file(whole, moved / whole.name)
-    part_path(moved / whole.name, 1, 3).unlink()
+    next(moved.glob("*.part-00001-of-00003.h5")).unlink()
     with pytest.raises(DataError, match=r"its images are in the part file .*part-00001-of-00003"
                                         r"\.h5, which is missing; keep the part files beside it"):
         read_info(moved / whole.name)
@@ -202,3 +205,27 @@ def test_a_streamed_epoch_holds_far_less_memory_than_its_file(tmp_path: Path) ->
     _, in_memory = peak_of("memory")
     # here: 447 MB streamed (the imports: ~420 MB), 1,106 MB in memory, for a 333 MB file
     assert in_memory - streamed > 0.8 * file_size, (streamed, in_memory, file_size)
+
+
+def test_bad_input_half_way_keeps_the_work_done_and_an_unreadable_part_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(catalog_module, "WRITE_BLOCK", 4)
+    catalog = write_fits_set(tmp_path / "cutouts", "cube", n=12)
+    good = (catalog.parent / "obj9.fits").read_bytes()
+    (catalog.parent / "obj9.fits").write_bytes(b"broken")
+    args = [*overrides(catalog, tmp_path / "data"), "data.source.on_error=error"]
+    with pytest.raises(DataError, match="obj9.fits: not a readable FITS file"):
+        prepare(args, progress=False)
+    assert next((tmp_path / "data").glob(".*.partial"))  # the 8 images before it are kept
+    (catalog.parent / "obj9.fits").write_bytes(good)  # fixed: the same command goes on
+    read: list[int] = []
+    real = catalog_module.read_images
+    monkeypatch.setattr(catalog_module, "read_images", lambda reader, jobs, workers=0, chunk=64:
+                        read.append(len(jobs)) or real(reader, jobs, workers, chunk))
+    assert read_info(prepare(args, progress=False)).num_images == 12 and read == [4]
+
+    for i in range(4):  # part 0 of 3: objects 0-3, none readable
+        (catalog.parent / f"obj{i}.fits").write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"none of its 4 images could be read; fix the files .*"
+                                        r"or prepare in fewer parts"):
+        prepare(overrides(catalog, tmp_path / "parts"), part="0/3", progress=False)

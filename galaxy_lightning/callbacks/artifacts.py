@@ -234,7 +234,7 @@ class RunArtifacts(L.Callback):
         self._figure(trainer, reliability_diagram_figure(count, confidence, correct, title=title),
                      "test/reliability_diagram", "reliability_diagram.png")
         tree = getattr(pl_module, "tree", None)
-        if tree is not None:  # task=decision_tree: each question against the volunteers
+        if tree is not None and "test/tree/mae" in scalars:  # each question against the votes
             slugs = [metric_slug(q.name) for q in tree.questions]
             self._figure(trainer, question_metrics_figure(
                 [q.name for q in tree.questions],

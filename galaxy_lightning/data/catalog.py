@@ -395,7 +395,7 @@ class CatalogSource:
         target = self.prepared_path(data_dir)
         if part is not None:
             k, n = check_part(part)
-            return prepare_once(part_path(target, k, n), {**expected, "part": [k, n]},
+            return prepare_once(part_path(target, k, n, expected), {**expected, "part": [k, n]},
                                 lambda path: self._convert(catalog, found, path, expected,
                                                            progress, (k, n)))
 
@@ -413,8 +413,7 @@ class CatalogSource:
         """The part files of ``target`` of this provenance when all n are there; [] when there
         are none; refused in one line when only some are (a part still running, or failed)."""
         found: dict[int, set[int]] = {}
-        for file in target.parent.glob(part_path(target, 0, 1).name.replace(
-                "part-00000-of-00001", "part-*-of-*")):
+        for file in target.parent.glob(part_path(target, "*", "*", expected).name):
             match = re.search(r"\.part-(\d+)-of-(\d+)\.h5$", file.name)
             if match is None:
                 continue
@@ -423,7 +422,7 @@ class CatalogSource:
                 found.setdefault(n, set()).add(k)
         for n, done in sorted(found.items(), key=lambda item: -len(item[1]) / item[0]):
             if len(done) == n:
-                return [part_path(target, k, n) for k in range(n)]
+                return [part_path(target, k, n, expected) for k in range(n)]
             missing = sorted(set(range(n)) - done)
             shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
             raise DataError(f"{target}: {len(done)} of {n} part files are prepared; parts "

@@ -31,6 +31,7 @@ beside it (checked whenever the file is opened).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ import h5py
 import numpy as np
 from filelock import FileLock
 
-from galaxy_lightning.errors import ConfigError, DataError
+from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
 from galaxy_lightning.files import temporary_path
 from galaxy_lightning.input_spec import InputSpec
 
@@ -280,8 +281,10 @@ class PreparedWriter:
                  tb: TracebackType | None) -> None:
         assert self._file is not None
         if self.resume is not None and exc_type is not None and \
-                issubclass(exc_type, KeyboardInterrupt):
-            self._file.close()  # Ctrl-C: kept, the same command goes on from the last checkpoint
+                issubclass(exc_type, (KeyboardInterrupt, GalaxyError)):
+            # Ctrl-C, or bad input (an unreadable image with on_error=error, a full disk): kept,
+            # and the same command, once the input is fixed, goes on from the last checkpoint
+            self._file.close()
             return
         if exc_type is None and self.at_most and 0 < self._rows < self.num_images:
             for name in ("images", "labels", *self.columns):
@@ -295,6 +298,12 @@ class PreparedWriter:
             self._tmp.unlink(missing_ok=True)
             raise DataError(f"cannot write {self.path} ({err.strerror or err}); free space in the "
                             "data directory (paths.data_dir) or choose another") from None
+        if exc_type is None and self.at_most and self._rows == 0:
+            self._tmp.unlink(missing_ok=True)
+            raise DataError(f"{self.path}: none of its {self.num_images} images could be read; "
+                            "fix the files (the warnings name them)" + (
+                                ", or prepare in fewer parts" if ".part-" in self.path.name
+                                else ""))
         if exc_type is None and self._rows != self.num_images:
             self._tmp.unlink(missing_ok=True)
             raise ValueError(f"{self.path}: wrote {self._rows} of {self.num_images} rows")
@@ -322,11 +331,16 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def part_path(path: Path, part: int, parts: int) -> Path:
-    """The file of part ``part`` (0-based) of ``parts`` of the prepared file ``path``:
-    ``<name>.part-00003-of-00016.h5`` beside it."""
+def part_path(path: Path, part: int | str, parts: int | str, provenance: dict[str, Any]) -> Path:
+    """The file of part ``part`` (0-based) of ``parts`` of the prepared file ``path`` made with
+    this ``provenance``: ``<name>.<hash>.part-00003-of-00016.h5`` beside it. The hash of the
+    provenance keeps the parts of other settings (another crop, seed, catalog) apart, so that a
+    combined file never reads pixels that another preparation put in its place. (``part`` and
+    ``parts`` may be ``*``: the pattern of every part.)"""
     stem = path.name[:-3] if path.name.endswith(".h5") else path.name
-    return path.with_name(f"{stem}.part-{part:05d}-of-{parts:05d}.h5")
+    tag = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:10]
+    number = (lambda v, w: v if isinstance(v, str) else f"{v:0{w}d}")
+    return path.with_name(f"{stem}.{tag}.part-{number(part, 5)}-of-{number(parts, 5)}.h5")
 
 
 def combine_parts(target: Path, parts: list[Path], provenance: dict[str, Any]) -> None:
