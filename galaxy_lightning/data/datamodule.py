@@ -434,12 +434,14 @@ class GalaxyDataModule(L.LightningDataModule):
 
     def _stream_workers(self, trainer: Any) -> dict[str, Any]:
         """DataLoader options of streamed training: reader processes (``stream_workers``; null:
-        one per 4 cores of this rank, 1 to 4), each prefetching 4 batches, kept alive between
+        one per 4 cores of this rank, 0 to 4), each prefetching 4 batches, kept alive between
         epochs; pinned memory for non-blocking copies to a GPU."""
         count = self.stream_workers
         if count is None:  # one reader per 4 cores of this rank: readers take cores from compute
+            # (on 2 cores a reader process cost 10% of the step rate, reading in the training
+            # process none: `python -m galaxy_lightning.bench --only-stream`, README)
             world = trainer.world_size if trainer is not None else 1
-            count = max(1, min(4, (os.cpu_count() or 1) // max(1, world) // 4))
+            count = min(4, (os.cpu_count() or 1) // max(1, world) // 4)
         cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
         if count == 0:
             return {"num_workers": 0, "pin_memory": cuda}
