@@ -110,7 +110,7 @@ def test_the_model_is_sized_from_the_input_spec() -> None:
     module = GalaxyClassifier(MODEL, spec(size=64, channels=1, classes=4), ADAM)
     assert module.net.features[0].in_channels == 1 and module.net.classifier.out_features == 4
     assert module.class_names == ["0", "1", "2", "3"]
-    assert set(module.hparams) == {"model", "input_spec", "optimizer", "scheduler",
+    assert set(module.hparams) == {"model", "input_spec", "optimizer", "scheduler", "task",
                                    "label_smoothing", "data"}  # no inference options, no compile
 
 

@@ -575,7 +575,8 @@ def test_soft_targets_train_against_the_fractions(tmp_path: Path) -> None:
     datamodule = GalaxyDataModule(PreparedFile(str(path)), batch_size=40, eval_batch_size=20,
                                   splits=[100, 20, 20], soft_targets=True)
     datamodule.prepare_data()
-    images, labels, soft = next(iter(datamodule.train_dataloader()))
+    images, labels, extras = next(iter(datamodule.train_dataloader()))
+    soft = extras["targets"]
     assert soft.shape == (40, 7) and torch.allclose(soft.sum(1), torch.ones(40))
     assert torch.equal(soft.argmax(1), labels)
     assert len(next(iter(datamodule.val_dataloader()))) == 2  # evaluation: against the labels

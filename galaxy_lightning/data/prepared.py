@@ -46,7 +46,7 @@ import h5py
 import numpy as np
 from filelock import FileLock
 
-from galaxy_lightning.errors import ConfigError, DataError, GalaxyError
+from galaxy_lightning.errors import ConfigError, DataError
 from galaxy_lightning.files import temporary_path
 from galaxy_lightning.input_spec import InputSpec
 
@@ -281,9 +281,9 @@ class PreparedWriter:
                  tb: TracebackType | None) -> None:
         assert self._file is not None
         if self.resume is not None and exc_type is not None and \
-                issubclass(exc_type, (KeyboardInterrupt, GalaxyError)):
-            # Ctrl-C, or bad input (an unreadable image with on_error=error, a full disk): kept,
-            # and the same command, once the input is fixed, goes on from the last checkpoint
+                issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: kept, the same command goes on from the last checkpoint (as after a kill).
+            # A refusal (bad input) removes it: nothing half-written stays behind bad input.
             self._file.close()
             return
         if exc_type is None and self.at_most and 0 < self._rows < self.num_images:
