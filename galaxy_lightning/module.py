@@ -246,6 +246,7 @@ class GalaxyClassifier(L.LightningModule):
         self.loss_peak: float | None = None
         self.exploding_at_step: int | None = None
         self._worst_loss: torch.Tensor | None = None
+        self._first_loss: float | None = None
         #: The checkpoint whose weights the module holds, set by whoever loads them (the run's
         #: test, evaluation); ``metrics.json`` names it. None: weights of this process's fit.
         self.weights_from: str | None = None
@@ -386,6 +387,12 @@ class GalaxyClassifier(L.LightningModule):
                                    f"the run stopped; {self._divergence_fix()}")
         self.loss_peak = loss if self.loss_peak is None else max(self.loss_peak, loss)
         guess = math.log(self.spec.num_classes)
+        if self.tree is not None:
+            # the questions' likelihood has no uniform-guess value (it grows with the number of
+            # votes): the loss of the run's first checked steps stands in for it
+            if self._first_loss is None:
+                self._first_loss = loss
+            guess = max(guess, self._first_loss)
         if loss > EXPLODING_LOSS * guess and self.exploding_at_step is None:
             self.exploding_at_step = step
             log.warning("the training loss is exploding: %.3g at step %d, against %.3g for a "

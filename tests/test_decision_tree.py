@@ -210,6 +210,7 @@ def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
         assert 0 <= written[f"test/tree/{slug}/mae"] <= 1, q.name
         assert f"test/tree/{slug}/acc_confident" in written
     assert written["test/tree/smooth_or_featured/n_confident"] > 0
+    assert written["train/exploding_at_step"] is None  # the votes' likelihood is not "exploding"
     assert (tmp_path / "run" / "tree_questions.png").stat().st_size > 0  # the per-question figure
     assert "Every question of the decision tree" in (tmp_path / "run" / "report.html").read_text()
     again = evaluate(written["checkpoint"], tmp_path / "eval", accelerator="cpu")
