@@ -74,6 +74,8 @@ EXPLODING_LOSS = 100.0
 #: On an accelerator the loss is read back (a host sync) every this many steps and before every
 #: validation, so that no checkpoint is written from diverged weights; on a CPU every step (free).
 LOSS_CHECK_EVERY = 25
+#: bins of predicted vote fraction for the calibration of a decision tree's predictions
+FRACTION_BINS = 10
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,14 @@ def ece_floor(reliability: torch.Tensor) -> torch.Tensor:
 class QuestionMetrics(Metric):
     """Per question of a decision tree, what a Galaxy Zoo user checks: the mean absolute error
     of the predicted vote fractions (over galaxies whose question got at least ``min_votes``
-    votes), and the accuracy of the most-voted answer on the galaxies where the volunteers were
-    also confident (the top answer has at least ``confident`` of the votes)."""
+    votes), the accuracy of the most-voted answer on the galaxies where the volunteers were
+    also confident (the top answer has at least ``confident`` of the votes), and the calibration
+    of the predicted fractions: every answer's predicted fraction falls in one of
+    ``FRACTION_BINS`` equal bins, and the error is the count-weighted mean of |mean observed -
+    mean predicted fraction| over the bins. A bin's mean observed fraction is an unbiased
+    estimate of its galaxies' true fraction however few volunteers each had, so (unlike the
+    MAE, which counts the volunteers' own scatter) a model that predicts the true fractions
+    scores near 0 on enough galaxies."""
 
     full_state_update = False
 
@@ -144,6 +152,9 @@ class QuestionMetrics(Metric):
         q = len(tree.questions)
         for name in ("abs_error", "asked", "correct", "confident_n"):
             self.add_state(name, torch.zeros(q, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("bin_count", "bin_predicted", "bin_observed"):
+            self.add_state(name, torch.zeros(q, FRACTION_BINS, dtype=torch.float64),
+                           dist_reduce_fx="sum")
 
     def update(self, predicted: torch.Tensor, votes: torch.Tensor) -> None:
         for j, (a, b) in enumerate(self.tree.slices):
@@ -158,18 +169,28 @@ class QuestionMetrics(Metric):
             self.asked[j] += asked.sum()
             self.correct[j] += (right & confident).sum()
             self.confident_n[j] += confident.sum()
+            p, o = predicted[asked, a:b].double().flatten(), observed[asked].flatten()
+            bins = (p * FRACTION_BINS).long().clamp(0, FRACTION_BINS - 1)
+            self.bin_count[j].index_add_(0, bins, torch.ones_like(p))
+            self.bin_predicted[j].index_add_(0, bins, p)
+            self.bin_observed[j].index_add_(0, bins, o)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``<question>/mae``, ``<question>/acc_confident``, ``<question>/n_confident`` (NaN
-        where no galaxy qualifies), and ``mae``: the mean over questions."""
+        """``<question>/mae``, ``<question>/acc_confident``, ``<question>/n_confident``,
+        ``<question>/calibration_error`` (NaN where no galaxy qualifies), and ``mae``, the mean
+        over questions, and ``calibration_error``, over every answer of every question."""
         mae = self.abs_error / self.asked
         acc = self.correct / self.confident_n
+        gap = (self.bin_observed - self.bin_predicted).abs()
+        calibration = gap.sum(1) / self.bin_count.sum(1)
         out: dict[str, torch.Tensor] = {}
         for j, q in enumerate(self.tree.questions):
             out[f"{q.name}/mae"] = mae[j].float()
             out[f"{q.name}/acc_confident"] = acc[j].float()
             out[f"{q.name}/n_confident"] = self.confident_n[j].float()
+            out[f"{q.name}/calibration_error"] = calibration[j].float()
         out["mae"] = torch.nanmean(mae).float()
+        out["calibration_error"] = (gap.sum() / self.bin_count.sum()).float()
         return out
 
 

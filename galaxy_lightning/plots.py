@@ -104,19 +104,27 @@ def reliability_diagram_figure(count: Sequence[float], confidence: Sequence[floa
 
 def question_metrics_figure(questions: Sequence[str], mae: Sequence[float],
                             acc_confident: Sequence[float], n_confident: Sequence[float],
+                            calibration_error: Sequence[float] | None = None,
                             title: str = "Decision tree, per question") -> Figure:
     """Per question of a Galaxy Zoo tree: the mean absolute error of the predicted vote
-    fractions, and the accuracy of the most-voted answer on galaxies where the volunteers were
-    confident (with how many there were: a question few galaxies reach is measured on few)."""
+    fractions, their calibration error (when given), and the accuracy of the most-voted answer
+    on galaxies where the volunteers were confident (with how many there were: a question few
+    galaxies reach is measured on few)."""
     y = np.arange(len(questions))[::-1]
-    fig, (ax_mae, ax_acc) = plt.subplots(1, 2, figsize=(9.0, 0.42 * len(questions) + 1.4),
-                                         sharey=True, layout="constrained")
-    mae = np.asarray(mae, dtype=float)
+    panels = 3 if calibration_error is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 0.42 * len(questions) + 1.4),
+                             sharey=True, layout="constrained")
+    bars = [(np.asarray(mae, dtype=float), "tab:orange", "vote-fraction MAE (lower is better)")]
+    if calibration_error is not None:
+        bars.append((np.asarray(calibration_error, dtype=float), "tab:green",
+                     "fraction calibration error (lower is better)"))
+    for ax, (values, colour, label) in zip(axes, bars):
+        ax.barh(y, np.nan_to_num(values), color=colour)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(y, list(questions), fontsize=8)
+    ax_acc = axes[-1]
     acc = np.asarray(acc_confident, dtype=float)
-    ax_mae.barh(y, np.nan_to_num(mae), color="tab:orange")
-    ax_mae.set_yticks(y, list(questions), fontsize=8)
-    ax_mae.set_xlabel("vote-fraction MAE (lower is better)")
-    ax_mae.grid(alpha=0.3, axis="x")
     ax_acc.barh(y, np.nan_to_num(acc), color="tab:blue")
     for yi, a, n in zip(y, acc, n_confident):
         inside = np.nan_to_num(a) > 0.6  # the label inside a long bar, in white

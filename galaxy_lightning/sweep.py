@@ -9,6 +9,12 @@ with one row per configuration: the model's parameters, training minutes, and te
 ECE as mean, standard deviation, a 95% confidence interval of the mean (Student's t), min and max
 over the repeats.
 
+A sweep of decision-tree runs (``task=decision_tree``) that varies ``task.questions`` also gets
+``summary_questions.csv`` and a table with one row per question: the model that learns every
+question beside the model that learns that question alone, the fraction error and the accuracy on
+confident galaxies as mean ± sd over the repeats, and their difference paired by repeat (the same
+seed splits the data the same way), with its 95% interval.
+
 A summary covers one launch: a second launch into the same ``hydra.sweep.dir`` (a grid run
 again, a smaller one) gets new job directories (``<job number>_<launch time>``, see
 ``conf/hydra/default.yaml``) and a summary of its own jobs only, never the earlier launch's. A
@@ -21,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 #: The results each job contributes, under the names the run logged them (and metrics.json has).
 RESULTS = ("val/acc_best", "test/acc", "test/ece", "test/ece_uncalibrated", "test/ece_floor",
            "val/acc_largest_drop")
+#: A decision-tree job's results per question (``test/tree/<question>/<result>``).
+QUESTION_RESULTS = ("mae", "acc_confident", "n_confident")
 #: The results summarised over the repeats of a configuration: all of them.
 GROUPED = RESULTS
 COLUMNS = ["job", "overrides", *RESULTS, "best_step", "params", "fit_minutes", "status", "run_dir",
@@ -89,7 +98,8 @@ def summarize(sweep_dir: str | Path, jobs: Iterable[Path] | None = None) -> list
             seconds = metrics.get("fit_seconds")
             row.update({k: metrics.get(k) for k in RESULTS}, best_step=metrics.get("best_step"),
                        params=metrics.get("params"),
-                       fit_minutes=seconds / 60 if seconds is not None else None, status="done")
+                       fit_minutes=seconds / 60 if seconds is not None else None, status="done",
+                       **_tree_results(metrics, hydra_dir / "config.yaml"))
         else:
             row.update(dict.fromkeys(RESULTS), best_step=None, params=None, fit_minutes=None,
                        status="no metrics.json")
@@ -100,6 +110,106 @@ def summarize(sweep_dir: str | Path, jobs: Iterable[Path] | None = None) -> list
         r["all_overrides"] = " ".join(r["all_overrides"])
     rows.sort(key=lambda r: -(r["val/acc_best"] if r["val/acc_best"] is not None else -1))
     return rows
+
+
+def _tree_results(metrics: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    """A decision-tree job's test metrics per question (``questions``: {question: {mae,
+    acc_confident, n_confident}}, in the tree's order) and the questions it learned
+    (``learned``: None for every question); nothing for other jobs."""
+    per_question: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[:2] == ["test", "tree"] and parts[3] in QUESTION_RESULTS:
+            per_question.setdefault(parts[2], {})[parts[3]] = value
+    if not per_question:
+        return {}
+    from galaxy_lightning.decision_tree import TREES  # deferred: torch
+    from galaxy_lightning.module import metric_slug
+
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    learned = ((config or {}).get("task") or {}).get("questions")
+    order = list(per_question)
+    tree = ((config or {}).get("data") or {}).get("source", {}).get("tree")
+    if isinstance(tree, str) and tree in TREES:
+        order = [metric_slug(q.name) for q in TREES[tree].questions
+                 if metric_slug(q.name) in per_question]
+    return {"questions": {q: per_question[q] for q in order},
+            "learned": None if learned is None else [metric_slug(str(q)) for q in learned]}
+
+
+def question_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per question: the decision-tree configuration that learns every question against the one
+    that learns only that question (``task.questions=[q]``), among configurations that differ in
+    nothing else; fraction MAE and accuracy on confident galaxies over the repeats, and the
+    difference (alone - every question) paired by repeat. Empty when the sweep has no such pair."""
+    done = [r for r in rows if r["status"] == "done" and r.get("questions")]
+
+    def base(r: dict[str, Any]) -> str:
+        return " ".join(o for o in config_of(r["all_overrides"]).split()
+                        if not o.startswith("task.questions="))
+
+    out = []
+    for b in dict.fromkeys(base(r) for r in done):
+        members = [r for r in done if base(r) == b]
+        joint = [r for r in members if r["learned"] is None]
+        if not joint:
+            continue
+        for q in joint[0]["questions"]:
+            alone = [r for r in members if r["learned"] == [q]]
+            if not alone:
+                continue
+            row: dict[str, Any] = {"config": b, "question": q}
+            for key in QUESTION_RESULTS:
+                for name, runs in (("every", joint), ("alone", alone)):
+                    stats = summary_statistics(_finite([r["questions"][q].get(key) for r in runs]))
+                    row.update({f"{name}_{key}_{s}": v for s, v in stats.items()})
+                paired = {_repeat_of(r["all_overrides"]): r["questions"][q].get(key) for r in joint}
+                diffs = _finite([r["questions"][q].get(key) - paired[rep]
+                                 for r in alone if (rep := _repeat_of(r["all_overrides"])) in paired
+                                 and paired[rep] is not None and r["questions"][q].get(key)
+                                 is not None])
+                row.update({f"difference_{key}_{s}": v
+                            for s, v in summary_statistics(diffs).items()})
+                row[f"difference_{key}_pairs"] = len(diffs)
+            out.append(row)
+    return out
+
+
+def _finite(values: Iterable[float | None]) -> list[float]:
+    """The values that are numbers (a question with no confident galaxy in a test split has NaN)."""
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def question_table(comparison: list[dict[str, Any]]) -> str:
+    """:func:`question_comparison` as Markdown: mean ± sd over the repeats; the paired
+    difference with its 95% interval (an interval that excludes 0 is a difference the repeats
+    resolve)."""
+    lines = ["| question | fraction MAE: every question | alone | alone - every [95% CI] | "
+             "accuracy, confident: every question | alone | alone - every [95% CI] | "
+             "confident test galaxies |", "|---|---|---|---|---|---|---|---:|"]
+
+    def ms(row: dict[str, Any], key: str, scale: float, digits: int) -> str:
+        if row[f"{key}_mean"] is None:
+            return "-"
+        sd = row[f"{key}_std"]
+        return f"{scale * row[f'{key}_mean']:.{digits}f}" + \
+            (f" ± {scale * sd:.{digits}f}" if sd is not None else "")
+
+    def diff(row: dict[str, Any], key: str, scale: float, digits: int) -> str:
+        mean, lo, hi = (row[f"difference_{key}_{s}"] for s in ("mean", "ci95_low", "ci95_high"))
+        if mean is None:
+            return "-"
+        text = f"{scale * mean:+.{digits}f}"
+        return text + (f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]" if lo is not None
+                       else "")
+
+    for r in comparison:
+        n = r["every_n_confident_mean"]
+        lines.append(f"| {r['question']} | {ms(r, 'every_mae', 1, 3)} | {ms(r, 'alone_mae', 1, 3)} | "
+                     f"{diff(r, 'mae', 1, 3)} | {ms(r, 'every_acc_confident', 100, 1)} | "
+                     f"{ms(r, 'alone_acc_confident', 100, 1)} | {diff(r, 'acc_confident', 100, 1)} | "
+                     f"{'-' if n is None else f'{n:.0f}'} |")
+    return "\n".join(lines)
 
 
 def _repeat_of(overrides: str) -> str:
@@ -190,7 +300,7 @@ def markdown_table(groups: list[dict[str, Any]]) -> str:
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -204,6 +314,12 @@ def write_summary(sweep_dir: str | Path, jobs: Iterable[Path] | None = None
     rows = summarize(sweep_dir, jobs)
     groups = group_by_config(rows)
     _write_csv(Path(sweep_dir) / "summary.csv", COLUMNS, rows)
+    comparison = question_comparison(rows)
+    questions_file = Path(sweep_dir) / "summary_questions.csv"
+    if comparison:
+        _write_csv(questions_file, list(comparison[0]), comparison)
+    else:
+        questions_file.unlink(missing_ok=True)
     by_config = Path(sweep_dir) / "summary_by_config.csv"
     if any(g["runs"] > 1 for g in groups):
         _write_csv(by_config, GROUP_COLUMNS, groups)
@@ -259,6 +375,10 @@ class SweepSummary(Callback):
         if any(g["runs"] > 1 for g in groups):
             print(f"\nover repeats ({sweep_dir / 'summary_by_config.csv'}):\n"
                   f"{markdown_table(groups)}", flush=True)
+        if comparison := question_comparison(rows):
+            print(f"\nevery question at once against each question alone "
+                  f"({sweep_dir / 'summary_questions.csv'}):\n{question_table(comparison)}",
+                  flush=True)
         from galaxy_lightning.report import write_report  # deferred: jinja2
 
         try:  # the jobs wrote their own reports; this one links them

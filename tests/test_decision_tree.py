@@ -32,6 +32,7 @@ from galaxy_lightning.evaluate import evaluate
 from galaxy_lightning.checkpoints import check_model_of_checkpoint, load_classifier
 from galaxy_lightning.export import export, load_exported
 from galaxy_lightning.input_spec import InputSpec
+from galaxy_lightning.module import QuestionMetrics
 from galaxy_lightning.predict import predict
 from galaxy_lightning.train import build_and_prepare, train
 
@@ -80,6 +81,25 @@ def test_a_question_nobody_was_asked_contributes_nothing() -> None:
     assert torch.all(alpha.grad[0, 2:] == 0) and torch.all(alpha.grad[0, :2] != 0)
     fractions = expected_fractions(alpha.detach(), TWO)
     assert torch.allclose(fractions[0], torch.tensor([0.75, 0.25, 5 / 7.5, 0.5 / 7.5, 2 / 7.5]))
+
+
+def test_fraction_calibration_counts_the_bias_not_the_volunteers_scatter() -> None:
+    metric = QuestionMetrics(TWO, confident=0.8, min_votes=10)
+    # 0.5 for galaxies that 10 volunteers called all-a and all-b: calibrated (error 0) though
+    # every fraction is 0.5 off; 0.9/0.1 for galaxies split 5/5: 0.4 off in both bins
+    predicted = torch.tensor([[0.5, 0.5, 1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 1 / 3, 1 / 3, 1 / 3],
+                              [0.9, 0.1, 1 / 3, 1 / 3, 1 / 3], [0.1, 0.9, 1 / 3, 1 / 3, 1 / 3]])
+    votes = torch.tensor([[10.0, 0, 0, 0, 0], [0, 10, 0, 0, 0], [5, 5, 0, 0, 0], [5, 5, 0, 0, 0]])
+    metric.update(predicted[:2], votes[:2])
+    first = metric.compute()
+    assert first["q/calibration_error"].item() == pytest.approx(0.0)
+    assert first["q/mae"].item() == pytest.approx(0.5)
+    metric.update(predicted[2:], votes[2:])
+    both = metric.compute()
+    # 8 predicted fractions: 4 in the 0.5 bin (gap 0), 2 at 0.9 and 2 at 0.1 (gaps 2 x 0.4 each)
+    assert both["q/calibration_error"].item() == pytest.approx((0.8 + 0.8) / 8)
+    assert math.isnan(both["r/calibration_error"].item())  # nobody reached r
+    assert both["calibration_error"].item() == pytest.approx(0.2)
 
 
 def read(name: str) -> list[dict[str, str]]:
@@ -209,6 +229,8 @@ def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
         slug = q.name.replace("-", "_")
         assert 0 <= written[f"test/tree/{slug}/mae"] <= 1, q.name
         assert f"test/tree/{slug}/acc_confident" in written
+        assert f"test/tree/{slug}/calibration_error" in written
+    assert 0 <= written["test/tree/calibration_error"] < 1
     assert written["test/tree/smooth_or_featured/n_confident"] > 0
     assert written["train/exploding_at_step"] is None  # the votes' likelihood is not "exploding"
     assert (tmp_path / "run" / "tree_questions.png").stat().st_size > 0  # the per-question figure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import sqlite3
@@ -15,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from galaxy_lightning.optuna_sweeper import ResumeStudy
 from galaxy_lightning.sweep import (SweepSummary, group_by_config, markdown_table,
-                                    summary_statistics, t975)
+                                    question_comparison, question_table, summary_statistics, t975,
+                                    write_summary)
 from galaxy_lightning.train import main
 
 from .cli import Forked, Result, in_process
@@ -352,3 +354,53 @@ def test_sweeps_started_together_never_share_a_directory(tmp_path: Path, data_di
     for sweep in sweeps:  # each summary holds its own two jobs, never the other sweep's
         rows = summary(sweep)
         assert len(rows) == 2 and all(Path(r["run_dir"]).parent == sweep for r in rows)
+
+
+def test_a_tree_sweep_compares_every_question_with_each_question_alone(tmp_path: Path) -> None:
+    # Job directories as a `task.questions=null,[bar],[merging]` x `seed=0,1` sweep leaves them.
+    def job(n: int, questions: str, seed: int, bar: tuple[float, float],
+            merging: tuple[float, float]) -> None:
+        hydra = tmp_path / f"{n}_12-00-00_000000" / ".hydra"
+        hydra.mkdir(parents=True)
+        (hydra / "overrides.yaml").write_text(yaml.safe_dump(
+            ["task=decision_tree", f"task.questions={questions}", f"seed={seed}"]))
+        learned = None if questions == "null" else [questions.strip("[]")]
+        (hydra / "config.yaml").write_text(yaml.safe_dump(
+            {"task": {"name": "decision_tree", "questions": learned},
+             "data": {"source": {"tree": "gz_decals_dr5"}}}))
+        metrics = {"test/acc": 0.5, "val/acc_best": 0.5}
+        for q, (mae, acc) in (("bar", bar), ("merging", merging)):
+            metrics |= {f"test/tree/{q}/mae": mae, f"test/tree/{q}/acc_confident": acc,
+                        f"test/tree/{q}/n_confident": 40.0}
+        (hydra.parent / "metrics.json").write_text(json.dumps(metrics))
+
+    job(0, "null", 0, (0.10, 0.80), (0.05, 0.90))
+    job(1, "[bar]", 0, (0.13, 0.75), (0.40, 0.20))
+    job(2, "[merging]", 0, (0.30, 0.30), (0.05, 0.95))
+    job(3, "null", 1, (0.12, 0.70), (0.06, float("nan")))  # no confident merger in this split
+    job(4, "[bar]", 1, (0.16, 0.60), (0.40, 0.20))
+    job(5, "[merging]", 1, (0.30, 0.30), (0.07, 0.85))
+    rows, _ = write_summary(tmp_path)
+    comparison = question_comparison(rows)
+    # the tree's order (bar before merging), each question against the model of that question alone
+    assert [c["question"] for c in comparison] == ["bar", "merging"]
+    bar, merging = comparison
+    assert bar["config"] == "task=decision_tree"
+    assert bar["every_mae_mean"] == pytest.approx(0.11) and bar["alone_mae_mean"] == pytest.approx(0.145)
+    # differences paired by seed: (0.13 - 0.10, 0.16 - 0.12); t(1 d.o.f.) = 12.706
+    assert bar["difference_mae_mean"] == pytest.approx(0.035)
+    assert bar["difference_mae_std"] == pytest.approx(0.005 * 2 ** 0.5)
+    assert bar["difference_mae_ci95_low"] == pytest.approx(0.035 - 12.706 * 0.005)
+    assert bar["difference_acc_confident_mean"] == pytest.approx(-0.075)
+    # a NaN accuracy (no confident galaxy) drops out of the mean and of the pairs
+    assert merging["every_acc_confident_mean"] == pytest.approx(0.90)
+    assert merging["difference_acc_confident_pairs"] == 1
+    assert merging["difference_acc_confident_mean"] == pytest.approx(0.05)
+    table = question_table(comparison)
+    assert "| bar | 0.110 ± 0.014 | 0.145 ± 0.021 | +0.035 [-0.029, +0.099] | 75.0 ± 7.1 |" in table
+    assert (tmp_path / "summary_questions.csv").is_file()
+    # a sweep without single-question models has no such table (and no stale file)
+    for n in (1, 2, 4, 5):
+        (tmp_path / f"{n}_12-00-00_000000" / "metrics.json").unlink()
+    rows, _ = write_summary(tmp_path)
+    assert question_comparison(rows) == [] and not (tmp_path / "summary_questions.csv").exists()

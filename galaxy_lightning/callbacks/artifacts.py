@@ -239,8 +239,9 @@ class RunArtifacts(L.Callback):
             self._figure(trainer, question_metrics_figure(
                 [q.name for q in tree.questions],
                 *([scalars.get(f"test/tree/{q}/{m}", float("nan")) for q in slugs]
-                  for m in ("mae", "acc_confident", "n_confident")),
-                title=f"Test, per question (mean MAE {scalars.get('test/tree/mae', float('nan')):.3f})"),
+                  for m in ("mae", "acc_confident", "n_confident", "calibration_error")),
+                title=f"Test, per question (mean MAE {scalars.get('test/tree/mae', float('nan')):.3f}, "
+                      f"calibration error {scalars.get('test/tree/calibration_error', float('nan')):.3f})"),
                 "test/tree_questions", "tree_questions.png")
         h = self.history
         checkpoint = trainer.checkpoint_callback
