@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install install-browser test test-fast quickstart preview tensorboard bench bench-models clean
+.PHONY: help install install-browser test test-fast quickstart preview tensorboard bench bench-models bench-recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ tensorboard:  ## dashboards of every run under logs/
 clean:  ## remove run outputs (logs/), keep data/
 	rm -rf logs outputs multirun .pytest_cache
 
-bench:  ## the benchmark: tutorial loop vs train.py (float32 and perf=fast), data preparation
+bench:  ## the benchmark: tutorial loop vs train.py (float32 and perf=fast), models, recipe profile, data preparation
 	$(PYTHON) -m galaxy_lightning.bench
+
+bench-recipe:  ## where the time of a recommended run goes (a profiled 800-step run, projected to 6,000)
+	$(PYTHON) -m galaxy_lightning.bench --only-recipe
 
 bench-models:  ## ms/step and parameters of every model in the recommended recipe (float32, fast)
 	$(PYTHON) -m galaxy_lightning.bench --only-models

@@ -13,7 +13,9 @@ each in its own process; then each model of the ``model`` group in the recommend
 (``experiment=recommended``: batch 128, dihedral augmentation) in float32 and in fast mode;
 the preparation of a catalog of generated FITS cutouts (``data=catalog``: 20,000 by default,
 and a quarter of them, to show that peak memory does not grow with the catalog), with one and
-with two reading processes;
+with two reading processes; a shortened recommended run under Lightning's simple profiler,
+grouped into phases (training steps, batches, EMA, BatchNorm statistics, validation, checkpoints,
+calibration, the TTA test, figures) and projected to the recipe's full length;
 and prints the steady-state ms per step, images per second, peak
 resident memory, time from process start to the end of the first training step, and the ratios
 to the baseline. It also times the synthetic simulator and the preparation of the Galaxy10
@@ -287,6 +289,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="simulated 96 px galaxies in the streamed set (200,000: 5.5 GB)")
     parser.add_argument("--stream-steps", type=int, default=300,
                         help="training steps of each streamed/in-memory run (300)")
+    parser.add_argument("--only-recipe", action="store_true",
+                        help="only the profile of a shortened recommended run: where its time "
+                             "goes, and its projected minutes at full length")
+    parser.add_argument("--recipe-steps", type=int, default=800,
+                        help="training steps of the profiled recommended run (800)")
     parser.add_argument("--worker", choices=["tutorial", "prepare", "simulate", "fullsize", "fits"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
@@ -319,6 +326,11 @@ def main(argv: list[str] | None = None) -> None:
         (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
         print(f"\nresults: {out_dir / 'bench.json'}")
         return
+    if args.only_recipe:
+        _recipe_profile(args, data_dir, out_dir, report)
+        (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+        print(f"\nresults: {out_dir / 'bench.json'}")
+        return
     if args.only_fits:
         _fits_runs(args, me, data_dir, out_dir, report)
         (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
@@ -336,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         _tutorial_runs(args, me, synthetic, data_dir, out_dir, report)
     if not args.skip_models:
         _model_runs(args, data_dir, out_dir, report)
+    if not args.only_models:
+        _recipe_profile(args, data_dir, out_dir, report)
     if not args.only_models and not args.skip_prepare:
         _fits_runs(args, me, data_dir, out_dir, report)
 
@@ -478,6 +492,111 @@ def _model_runs(args: argparse.Namespace, data_dir: Path, out_dir: Path,
               f"{row['fast']['ms_per_step']:13.1f} {6000 * row['f32']['ms_per_step'] / 6e4:11.1f} "
               f"{6000 * row['fast']['ms_per_step'] / 6e4:12.1f}", flush=True)
     report["models"] = table
+
+
+#: How the profile of a recommended run groups Lightning's timed actions (none nested in another
+#: of the list), and how each grows with the run: per training step, per validation, or once.
+RECIPE_PHASES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("training steps (forward, backward, optimizer)", "step", ("run_training_batch",)),
+    ("batches: transfer and augmentation", "step",
+     ("[LightningDataModule]GalaxyDataModule.on_after_batch_transfer",)),
+    ("batches: sampling", "step", ("[_TrainingEpochLoop].train_dataloader_next",
+                                   "[_EvaluationLoop].val_next")),
+    ("EMA of the weights: updates", "ema", ("[Callback]WeightAverage.on_train_batch_end",)),
+    ("EMA of the weights: swaps for validation, saves", "validation",
+     ("[Callback]WeightAverage.on_validation", "[Callback]WeightAverage.on_save_checkpoint")),
+    ("BatchNorm statistics before validation", "validation", ("[Callback]BatchNormStatistics.",)),
+    ("validation forward", "validation", ("[Strategy]SingleDeviceStrategy.validation_step",
+                                          "[Strategy]DDPStrategy.validation_step")),
+    ("checkpoints", "validation", ("[Callback]ModelCheckpoint",)),
+    ("run figures and history during fit", "validation", ("[Callback]RunArtifacts.on_fit",
+                                                           "[Callback]RunArtifacts.on_validation",
+                                                           "[Callback]RunArtifacts.on_train")),
+)
+
+
+def recipe_profile(timings: dict[str, Any], steps: int, validations: int, ema_start: int,
+                   full_steps: int, full_validations: int, wall_s: float) -> list[dict[str, Any]]:
+    """Rows of (phase, seconds measured, seconds projected at full length) from a profiled run's
+    ``timings.json``: what grows per step is scaled by the steps, what grows per validation by the
+    validations (the sanity check counted as one), the EMA by the steps it averages over,
+    everything else (start, setup, the first step with its compilation, calibration, the test,
+    the report) taken once, as measured."""
+    prof, phases = timings.get("profile", {}), timings["phases_s"]
+    scale = {"step": (full_steps - 1) / max(1, steps - 1),
+             "validation": (full_validations + 1) / (validations + 1),
+             "ema": max(0, full_steps - ema_start) / max(1, steps - ema_start), "once": 1.0}
+
+    def total(prefixes: tuple[str, ...]) -> float:
+        return sum(v["total_s"] for k, v in prof.items() if k.startswith(prefixes))
+
+    first = prof.get("run_training_batch", {}).get("first_s", 0.0)
+    rows = [{"phase": "process start, imports, config", "grows": "once",
+             "seconds": wall_s - timings["total_s"]},
+            {"phase": "setup: data, model, loggers", "grows": "once", "seconds": phases.get("setup", 0)},
+            {"phase": "first training step (compilation included)", "grows": "once", "seconds": first}]
+    in_fit = first
+    for name, grows, prefixes in RECIPE_PHASES:
+        seconds = total(prefixes) - (first if prefixes == ("run_training_batch",) else 0.0)
+        in_fit += seconds
+        rows.append({"phase": name, "grows": grows, "seconds": seconds})
+    rows.append({"phase": "rest of fit (loops, logging, progress)", "grows": "step",
+                 "seconds": phases.get("fit", 0.0) - in_fit})
+    test_forward = total(("[Strategy]SingleDeviceStrategy.test_step", "[Strategy]DDPStrategy.test_step"))
+    test_figures = total(("[Callback]RunArtifacts.on_test",))
+    rows += [{"phase": "load tested weights, temperature scaling (validation set, TTA)",
+              "grows": "once", "seconds": phases.get("load_and_calibrate", 0.0)},
+             {"phase": "test forward (TTA: 8 views)", "grows": "once", "seconds": test_forward},
+             {"phase": "test figures, metrics.json", "grows": "once", "seconds": test_figures},
+             {"phase": "rest of test", "grows": "once",
+              "seconds": phases.get("test", 0.0) - test_forward - test_figures},
+             {"phase": "loggers, report.html, exit", "grows": "once",
+              "seconds": phases.get("loggers", 0.0) + phases.get("report", 0.0)
+              + timings["total_s"] - sum(phases.values())}]
+    for r in rows:
+        r["projected_s"] = r["seconds"] * scale[r["grows"]]
+    return rows
+
+
+def _recipe_profile(args: argparse.Namespace, data_dir: Path, out_dir: Path,
+                    report: dict[str, Any]) -> None:
+    """A shortened ``experiment=recommended`` run under Lightning's simple profiler: where its
+    time goes, and the minutes of the full recipe projected from it, phase by phase."""
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.create(files(CONFIG_PACKAGE).joinpath("experiment", "recommended.yaml")
+                              .read_text())
+    ema = OmegaConf.create(files(CONFIG_PACKAGE).joinpath("callbacks", "ema.yaml").read_text())
+    full_steps, every = int(recipe.trainer.max_steps), int(recipe.trainer.val_check_interval)
+    steps = args.recipe_steps
+    interval = max(1, steps // 4)
+    run_dir = out_dir / "recipe"
+    start = time.time()
+    cmd = [sys.executable, "-m", "galaxy_lightning.train", "experiment=recommended",
+           f"trainer.max_steps={steps}", f"trainer.val_check_interval={interval}",
+           "trainer.profiler=simple", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+           "callbacks.progress_bar.every_n_steps=1000", "print_config=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    wall = time.time() - start
+    timings = json.loads((run_dir / "timings.json").read_text())
+    rows = recipe_profile(timings, steps, steps // interval, int(ema.ema.update_starting_at_step),
+                          full_steps, full_steps // every, wall)
+    measured, projected = sum(r["seconds"] for r in rows), sum(r["projected_s"] for r in rows)
+    print(f"\nexperiment=recommended, profiled ({steps} steps, validation every {interval}; "
+          f"Lightning's simple profiler), and projected to the recipe's {full_steps:,} steps with "
+          f"validation every {every}:")
+    print(f"{'phase':62s} {'grows':>10s} {'measured s':>11s} {'projected s':>12s} {'share':>6s}")
+    for r in rows:
+        print(f"{r['phase']:62s} {r['grows']:>10s} {r['seconds']:11.1f} {r['projected_s']:12.1f} "
+              f"{100 * r['projected_s'] / projected:5.1f}%")
+    print(f"{'whole process':62s} {'':>10s} {measured:11.1f} {projected:12.1f}")
+    print(f"recommended run: {wall / 60:.1f} min measured for {steps} steps; "
+          f"{projected / 60:.1f} min projected for {full_steps:,} steps", flush=True)
+    report["recipe"] = {"steps": steps, "validation_every": interval, "wall_s": wall,
+                        "projected_full_min": projected / 60, "phases": rows,
+                        "run_dir": str(run_dir)}
 
 
 def _tutorial_runs(args: argparse.Namespace, me: list[str], synthetic: Path, data_dir: Path,

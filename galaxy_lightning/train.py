@@ -16,8 +16,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +285,7 @@ def prepare_output_dir(cfg: DictConfig, ckpt_path: str | None) -> Path:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run the experiment described by ``cfg``; return the final metrics (floats by name)."""
+    clock = PhaseClock()
     quiet_third_party()
     validate_config(cfg)
     ckpt_path = resolve_checkpoint(cfg)
@@ -319,6 +322,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
              cfg.model._target_, count_parameters(module),
              info.path, info.num_images, info.height, info.width, info.channels, info.num_classes)
 
+    clock.lap("setup")
     if cfg.get("train", True):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -327,6 +331,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
             raise SystemExit(stop.exit_code if stop is not None else EXIT_TERMINATED) from None
     metrics = _scalars(trainer)
+    clock.lap("fit")
 
     if cfg.get("test", True):
         if cfg.get("train", True):
@@ -345,16 +350,51 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if cfg.get("calibrate", False):
                 calibrate_checkpoint(trainer, module, datamodule, weights, output_dir,
                                      own=bool(cfg.get("train", True)))
+            clock.lap("load_and_calibrate")
         trainer.test(module, datamodule=datamodule, verbose=False)
+        clock.lap("test")
         metrics.update(_scalars(trainer))
         log_run_hyperparameters(trainer, cfg, metrics)
         log.info("test accuracy %.4f (best validation accuracy %.4f); outputs in %s",
                  metrics.get("test/acc", float("nan")), metrics.get("val/acc_best", float("nan")),
                  output_dir)
     finish_loggers(trainer)
+    clock.lap("loggers")
     if trainer.is_global_zero and (output_dir / "metrics.json").is_file():
         _write_report(output_dir)
+        clock.lap("report")
+    if trainer.is_global_zero:
+        clock.write(output_dir / "timings.json", trainer.profiler)
     return metrics
+
+
+class PhaseClock:
+    """Where a run's time went: wall seconds of each phase of :func:`train` (setup, fit,
+    calibration, test, report), written to ``timings.json``; with ``trainer.profiler=simple``
+    also every hook and step Lightning's profiler timed (calls, total, first: the first training
+    step holds the compilation), which is what ``python -m galaxy_lightning.bench --only-recipe``
+    turns into the profile of a recipe."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def write(self, path: Path, profiler: Any) -> None:
+        timings: dict[str, Any] = {"phases_s": self.phases,
+                                   "total_s": time.perf_counter() - self.start}
+        durations = getattr(profiler, "recorded_durations", None)
+        if durations:
+            timings["profile"] = {name: {"calls": len(d), "total_s": sum(d), "first_s": d[0]}
+                                  for name, d in durations.items() if d}
+        try:
+            write_atomic(path, json.dumps(timings, indent=1))
+        except OSError as err:  # timings are a by-product; never the cause of a failed run
+            log.warning("could not write %s (%s)", path, err)
 
 
 def _write_report(output_dir: Path) -> None:
