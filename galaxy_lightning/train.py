@@ -299,9 +299,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     perf.apply(cfg.perf.get("tune_malloc", True), cfg.perf.get("threads"),
                cfg.perf.get("matmul_precision"))
 
+    datamodule, trainer = build(cfg)  # objects and their checks, before any data is touched
+    # the tree after those checks: a refused value is one line, not a page of config above it
     if cfg.get("print_config", False) and os.environ.get("LOCAL_RANK", "0") == "0":
         print_config_tree(cfg)
-    datamodule, trainer = build(cfg)  # objects and their checks, before any data is touched
     prepare_data(datamodule)
     apply_length(cfg, datamodule, trainer)
     module = build_module(cfg, datamodule)

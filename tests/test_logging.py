@@ -182,6 +182,13 @@ def test_a_redirected_run_prints_lines_not_bar_fragments_and_the_config_tree(tmp
                        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run2'}",
                        cwd=tmp_path)
     assert quiet.returncode == 0 and tree not in quiet.stdout and "\r" not in quiet.stdout
+    # a refused value: its one line, without the page of config tree above it
+    refused = in_process(main, *TINY, "logger=none", "data.in_memory=maybe",
+                         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run3'}",
+                         cwd=tmp_path)
+    assert refused.returncode != 0 and tree not in refused.stdout
+    assert "data.in_memory='maybe' must be true, false or auto" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 @pytest.mark.slow
