@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -65,8 +66,11 @@ class RunArtifacts(L.Callback):
     ``reliability_diagram.png`` and ``metrics.json``, and logs each figure to the loggers."""
 
     def __init__(self, output_dir: str, examples_per_class: int = 8,
-                 tags: list[str] | None = None) -> None:
+                 tags: list[str] | None = None, figures: bool = True) -> None:
         self.output_dir = Path(output_dir)
+        # figures: false draws none (metrics.json, mistakes.json and the report's data stay):
+        # drawing is most of a short run's time, which a search of many trials need not spend
+        self.figures = figures
         self.examples_per_class = examples_per_class
         self.tags = list(tags or [])
         self.history: dict[str, list[float | None]] = {
@@ -100,6 +104,9 @@ class RunArtifacts(L.Callback):
         """Render ``fig`` once, at ``dpi``: save it as the PNG ``filename`` (if given) and log it
         as ``tag``; closes it. (Drawing a figure is the slow part: it is not drawn again for the
         file; zlib level 3 writes a figure several times faster than the default, ~10% larger.)"""
+        if not self.figures:
+            plt.close(fig)
+            return
         fig.set_dpi(dpi)
         image = figure_to_array(fig)
         if filename is not None:
