@@ -31,6 +31,8 @@ TINY = [
     "trainer.accelerator=cpu",
     "trainer.enable_model_summary=false",
     "callbacks.progress_bar.every_n_steps=1000",
+    # drawing figures is most of a tiny run's time: only the tests of figures draw them
+    "callbacks.run_artifacts.figures=false",
     "seed=0",
 ]
 
@@ -64,7 +66,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[
     from galaxy_lightning.train import train  # deferred: the package is imported by the tests
 
     run = tmp_path_factory.mktemp("tiny_run") / "run"
-    cfg = compose_run(TINY, run, data_dir)
+    cfg = compose_run([*TINY, "callbacks.run_artifacts.figures=true"], run, data_dir)  # its figures: the report's tests
     train(cfg)
     GlobalHydra.instance().clear()
     metrics = json.loads((run / "metrics.json").read_text())

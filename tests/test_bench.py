@@ -11,6 +11,7 @@ from galaxy_lightning.bench import recipe_profile
 from galaxy_lightning.train import train
 
 
+@pytest.mark.slow
 def test_a_profiled_run_accounts_for_its_whole_time(tmp_path: Path, make_cfg: object) -> None:
     # the recipe's callbacks (EMA from step 10, BatchNorm statistics) on the tiny data
     cfg = make_cfg("trainer.profiler=simple", "callbacks=[default,ema]",  # type: ignore[operator]

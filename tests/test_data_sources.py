@@ -281,6 +281,7 @@ def test_empty_split_in_the_file_is_reported(tmp_path: Path, make_cfg: Callable[
         datamodule.setup()
 
 
+@pytest.mark.slow
 # -- end to end ----------------------------------------------------------------------------------
 def test_train_py_downloads_prepares_and_trains(tmp_path: Path, http_server: FileServer,
                                                 decals: tuple) -> None:

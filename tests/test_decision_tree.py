@@ -221,7 +221,7 @@ def test_a_decision_tree_run_learns_every_question_and_evaluates_again(
     per question, trained on simulated volunteers' votes; per-question metrics in metrics.json;
     its checkpoint evaluates again with the same metrics."""
     cfg = make_cfg("task=decision_tree", "data.source.tree=gz_decals_dr5",  # type: ignore[operator]
-                   "task.class_weight=0.5", "task.min_votes=5")
+                   "task.class_weight=0.5", "task.min_votes=5", "callbacks.run_artifacts.figures=true")
     metrics = train(cfg)
     assert math.isfinite(metrics["test/tree_loss"]) and 0 < metrics["test/tree/mae"] < 1
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -213,7 +213,7 @@ def _checkpoint_with_a_crop(trained: tuple, path: Path) -> tuple[Path, InputSpec
     return path, spec
 
 
-@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("tta", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_export_agrees_with_the_checkpoint(trained: tuple, tmp_path: Path, tta: bool) -> None:
     import warnings
 

@@ -129,7 +129,7 @@ def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(reference: tuple, tmp_pat
     expected, data_dir = reference
     stopped = galaxy_train("+callbacks.fault._target_=tests.faults.KillAt",
                            f"+callbacks.fault.moment={signal_name}", f"+callbacks.fault.step={step}",
-                           run=tmp_path / "stopped", data_dir=data_dir)
+                           "callbacks.run_artifacts.figures=true", run=tmp_path / "stopped", data_dir=data_dir)
     assert stopped.returncode == code, stopped.stderr[-3000:]
     last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     line = next(l for l in stopped.stdout.splitlines() if "resume with:" in l)

@@ -38,7 +38,7 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     from .conftest import compose_run
 
     base = tmp_path_factory.mktemp("many")
-    cfg = compose_run([*TINY, "logger=many", "tags=[baseline,dr5]"], base / "logs" / "run",
+    cfg = compose_run([*TINY, "logger=many", "tags=[baseline,dr5]", "callbacks.run_artifacts.figures=true"], base / "logs" / "run",
                       base / "data")
     train(cfg)
     GlobalHydra.instance().clear()
@@ -200,7 +200,9 @@ def test_debug_overfit_drives_the_training_loss_to_zero(make_cfg: Callable[..., 
     assert metrics["train/loss"] < 0.1
 
 
-@pytest.mark.parametrize("preset, steps", [("default", 7), ("fdr", 1), ("limit", 9)])
+@pytest.mark.parametrize("preset, steps", [pytest.param("default", 7, marks=pytest.mark.slow),
+                                           ("fdr", 1),
+                                           pytest.param("limit", 9, marks=pytest.mark.slow)])
 def test_debug_presets_run_as_template_users_expect(preset: str, steps: int,
                                                     make_cfg: Callable[..., DictConfig]) -> None:
     cfg = make_cfg(f"debug={preset}", *SMALL, "logger=none", tiny=False)

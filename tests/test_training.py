@@ -54,7 +54,7 @@ def events(run: Path) -> EventAccumulator:
 
 
 def test_short_run_learns_and_its_outputs_agree(make_cfg: Callable[..., DictConfig]) -> None:
-    cfg = make_cfg(*LEARNS)
+    cfg = make_cfg(*LEARNS, "callbacks.run_artifacts.figures=true")
     metrics = train(cfg)
     run = Path(cfg.paths.output_dir)
     chance = 1 / 7
@@ -104,11 +104,17 @@ def test_short_run_learns_and_its_outputs_agree(make_cfg: Callable[..., DictConf
 def test_same_seed_gives_identical_metrics(make_cfg: Callable[..., DictConfig],
                                           tiny_run: tuple) -> None:
     results = []
-    for metrics in (dict(tiny_run[1]), None):  # the session's tiny run, and the same run again
+    # the session's tiny run (figures drawn), and the same run again without figures: the
+    # figures change no number, and figures=false draws none but keeps the report's data
+    assert (tiny_run[0].parents[1] / "confusion_matrix.png").is_file()
+    for metrics in (dict(tiny_run[1]), None):
         if metrics is None:
             cfg = make_cfg(run="again")
+            assert cfg.callbacks.run_artifacts.figures is False
             train(cfg)
-            metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+            run = Path(cfg.paths.output_dir)
+            assert not list(run.glob("*.png")) and (run / "mistakes.json").is_file()
+            metrics = json.loads((run / "metrics.json").read_text())
         metrics.pop("checkpoint")
         assert metrics.pop("fit_seconds") > 0  # wall time and clock time: all that may differ
         assert metrics.pop("finished") <= datetime.now(timezone.utc).isoformat()
@@ -248,7 +254,7 @@ def test_reliability_bins_give_torchmetrics_ece() -> None:
 
 
 def test_a_run_reports_calibration(make_cfg: Callable[..., DictConfig]) -> None:
-    cfg = make_cfg("tta=true")
+    cfg = make_cfg("tta=true", "callbacks.run_artifacts.figures=true")
     metrics = train(cfg)
     run = Path(cfg.paths.output_dir)
     out = json.loads((run / "metrics.json").read_text())
@@ -286,6 +292,7 @@ def test_tune_malloc_takes_effect_on_glibc() -> None:
     assert tune_malloc() is True
 
 
+@pytest.mark.slow
 def test_step_timer_and_fast_mode_keep_checkpoints_compatible(
         make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
     timing = tmp_path / "timing.json"
@@ -449,6 +456,7 @@ def test_weight_averaging_is_what_is_validated_checkpointed_and_tested(
     assert torch.equal(module.state_dict()[name], averaged[name])
 
 
+@pytest.mark.slow
 def test_recomputing_batchnorm_statistics_changes_no_training_step(
         make_cfg: Callable[..., DictConfig]) -> None:
     """Only what validation sees changes: the trained weights are those of a run without it (so
@@ -468,6 +476,7 @@ def test_recomputing_batchnorm_statistics_changes_no_training_step(
     assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if "running_mean" in k)
 
 
+@pytest.mark.slow
 def test_weight_averaging_before_it_starts_is_the_current_weights(
         make_cfg: Callable[..., DictConfig]) -> None:
     """Lightning's callback would validate (and checkpoint, and end with) the initial weights
