@@ -189,6 +189,11 @@ def test_a_redirected_run_prints_lines_not_bar_fragments_and_the_config_tree(tmp
     assert refused.returncode != 0 and tree not in refused.stdout
     assert "data.in_memory='maybe' must be true, false or auto" in refused.stderr
     assert "Traceback" not in refused.stderr
+    figures = in_process(main, *TINY, "logger=none", "callbacks.run_artifacts.figures=maybe",
+                         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run4'}",
+                         cwd=tmp_path)
+    assert figures.returncode != 0 and "Traceback" not in figures.stderr
+    assert "callbacks.run_artifacts.figures='maybe' must be true or false" in figures.stderr
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from galaxy_lightning.data.images import describe_stretch
+from galaxy_lightning.errors import ConfigError
 from galaxy_lightning.files import atomic_file, write_atomic
 from galaxy_lightning.loggers import log_artifact, log_image, set_tensorboard_layout, takes_images
 from galaxy_lightning.models import count_parameters
@@ -70,6 +71,8 @@ class RunArtifacts(L.Callback):
         self.output_dir = Path(output_dir)
         # figures: false draws none (metrics.json, mistakes.json and the report's data stay):
         # drawing is most of a short run's time, which a search of many trials need not spend
+        if not isinstance(figures, bool):
+            raise ConfigError(f"callbacks.run_artifacts.figures={figures!r} must be true or false")
         self.figures = figures
         self.examples_per_class = examples_per_class
         self.tags = list(tags or [])
