@@ -193,7 +193,7 @@ def test_a_redirected_run_prints_lines_not_bar_fragments_and_the_config_tree(tmp
                          f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run4'}",
                          cwd=tmp_path)
     assert figures.returncode != 0 and "Traceback" not in figures.stderr
-    assert "callbacks.run_artifacts.figures='maybe' must be true or false" in figures.stderr
+    assert "callbacks.run_artifacts: figures='maybe' must be true or false" in figures.stderr
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ class RunArtifacts(L.Callback):
         # figures: false draws none (metrics.json, mistakes.json and the report's data stay):
         # drawing is most of a short run's time, which a search of many trials need not spend
         if not isinstance(figures, bool):
-            raise ConfigError(f"callbacks.run_artifacts.figures={figures!r} must be true or false")
+            raise ConfigError(f"figures={figures!r} must be true or false")
         self.figures = figures
         self.examples_per_class = examples_per_class
         self.tags = list(tags or [])
