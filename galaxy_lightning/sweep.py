@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 RESULTS = ("val/acc_best", "test/acc", "test/ece", "test/ece_uncalibrated", "test/ece_floor",
            "val/acc_largest_drop")
 #: A decision-tree job's results per question (``test/tree/<question>/<result>``).
-QUESTION_RESULTS = ("mae", "acc_confident", "n_confident")
+QUESTION_RESULTS = ("mae", "acc_confident", "n_confident", "calibration_error")
 #: The results summarised over the repeats of a configuration: all of them.
 GROUPED = RESULTS
 COLUMNS = ["job", "overrides", *RESULTS, "best_step", "params", "fit_minutes", "status", "run_dir",
@@ -114,8 +114,8 @@ def summarize(sweep_dir: str | Path, jobs: Iterable[Path] | None = None) -> list
 
 def _tree_results(metrics: dict[str, Any], config_file: Path) -> dict[str, Any]:
     """A decision-tree job's test metrics per question (``questions``: {question: {mae,
-    acc_confident, n_confident}}, in the tree's order) and the questions it learned
-    (``learned``: None for every question); nothing for other jobs."""
+    acc_confident, n_confident, calibration_error}}, in the tree's order) and the questions it
+    learned (``learned``: None for every question); nothing for other jobs."""
     per_question: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         parts = key.split("/")

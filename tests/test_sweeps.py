@@ -371,7 +371,8 @@ def test_a_tree_sweep_compares_every_question_with_each_question_alone(tmp_path:
         metrics = {"test/acc": 0.5, "val/acc_best": 0.5}
         for q, (mae, acc) in (("bar", bar), ("merging", merging)):
             metrics |= {f"test/tree/{q}/mae": mae, f"test/tree/{q}/acc_confident": acc,
-                        f"test/tree/{q}/n_confident": 40.0}
+                        f"test/tree/{q}/n_confident": 40.0,
+                        f"test/tree/{q}/calibration_error": mae / 4}
         (hydra.parent / "metrics.json").write_text(json.dumps(metrics))
 
     job(0, "null", 0, (0.10, 0.80), (0.05, 0.90))
@@ -392,6 +393,7 @@ def test_a_tree_sweep_compares_every_question_with_each_question_alone(tmp_path:
     assert bar["difference_mae_std"] == pytest.approx(0.005 * 2 ** 0.5)
     assert bar["difference_mae_ci95_low"] == pytest.approx(0.035 - 12.706 * 0.005)
     assert bar["difference_acc_confident_mean"] == pytest.approx(-0.075)
+    assert bar["difference_calibration_error_mean"] == pytest.approx(0.035 / 4)  # in the CSV
     # a NaN accuracy (no confident galaxy) drops out of the mean and of the pairs
     assert merging["every_acc_confident_mean"] == pytest.approx(0.90)
     assert merging["difference_acc_confident_pairs"] == 1
