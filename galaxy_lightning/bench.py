@@ -271,7 +271,12 @@ def _timed_process(cmd: list[str], result: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="galaxy_lightning benchmark (prints figures)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps per run (600)")
+    parser.add_argument("--steps", type=int, default=1000,
+                        help="training steps of each tutorial-loop and train.py run (1,000)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternated rounds of the tutorial loop, float32 and fast mode (2)")
+    parser.add_argument("--model-steps", type=int, default=300,
+                        help="training steps of each per-model run (300)")
     parser.add_argument("--data-dir", default="data", help="where data sets are cached (./data)")
     parser.add_argument("--out-dir", default=str(Path("logs") / "bench"),
                         help="results and runs (./logs/bench)")
@@ -301,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        parser.error(f"--rounds {args.rounds} --steps {args.steps}: both must be at least 1")
     data_dir = Path(args.data_dir).resolve()
     if args.worker == "tutorial":
         return tutorial_loop(Path(args.source), args.steps, Path(args.result))
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     me = [sys.executable, "-m", "galaxy_lightning.bench", "--data-dir", str(data_dir)]
     out_dir = Path(args.out_dir).resolve() / time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"machine": _machine(), "steps": args.steps}
+    report: dict[str, Any] = {"machine": _machine(), "steps": args.steps, "rounds": args.rounds}
     print(f"machine: {report['machine']}\n", flush=True)
 
     if args.only_stream:
@@ -472,7 +479,7 @@ def _train_py_run(args: argparse.Namespace, data_dir: Path, run_dir: Path, steps
 def _model_runs(args: argparse.Namespace, data_dir: Path, out_dir: Path,
                 report: dict[str, Any]) -> None:
     """ms per step of every model in the recommended recipe, float32 and fast mode."""
-    steps = max(100, args.steps // 2)
+    steps = args.model_steps
     models = sorted(p.name.removesuffix(".yaml") for p in files(CONFIG_PACKAGE).joinpath("model").iterdir()
                     if p.name.endswith(".yaml"))
     print(f"\nmodels in the recommended recipe (batch 128, dihedral augmentation, {steps} steps; "
@@ -601,23 +608,43 @@ def _recipe_profile(args: argparse.Namespace, data_dir: Path, out_dir: Path,
 
 def _tutorial_runs(args: argparse.Namespace, me: list[str], synthetic: Path, data_dir: Path,
                    out_dir: Path, report: dict[str, Any]) -> None:
+    """The tutorial's own loop against ``train.py`` (float32 and fast mode), each a whole process
+    of ``--steps`` steps, in ``--rounds`` alternated rounds (tutorial, float32, fast, tutorial,
+    ...), so that a machine that slows down or speeds up during the benchmark shifts every run
+    alike. Two ratios: of the steady step times, and of the whole processes (start to exit:
+    imports, data, compile, validation, checkpoints and test included), the one a user waits."""
     # 2. training runs
+    names = ("tutorial loop (baseline)", "train.py float32", "train.py perf=fast")
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for k in range(args.rounds):
+        res = out_dir / f"tutorial_{k}.json"
+        rounds[names[0]].append(_timed_process(
+            [*me, "--worker", "tutorial", "--steps", str(args.steps), "--source", str(synthetic),
+             "--result", str(res)], res))
+        for name, extra in zip(names[1:], ([], ["perf=fast"])):
+            tag = ("fast" if extra else "f32") + f"_{k}"
+            rounds[name].append(_train_py_run(args, data_dir, out_dir / tag, args.steps,
+                                              ["experiment=tutorial_synthetic", *extra]))
+        print(f"  round {k + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {rounds[name][-1]['wall_s']:.1f} s" for name in names), flush=True)
     runs: dict[str, dict[str, Any]] = {}
-    res = out_dir / "tutorial.json"
-    runs["tutorial loop (baseline)"] = _timed_process(
-        [*me, "--worker", "tutorial", "--steps", str(args.steps), "--source", str(synthetic),
-         "--result", str(res)], res)
-    for name, extra in (("train.py float32", []), ("train.py perf=fast", ["perf=fast"])):
-        tag = "fast" if extra else "f32"
-        runs[name] = _train_py_run(args, data_dir, out_dir / tag, args.steps,
-                                   ["experiment=tutorial_synthetic", *extra])
-    base = runs["tutorial loop (baseline)"]
-    print(f"\n{'run':28s} {'ms/step':>8s} {'img/s':>8s} {'x base':>7s} {'peak MB':>8s} "
-          f"{'1st step s':>10s} {'wall s':>7s}")
+    for name in names:
+        r = dict(rounds[name][-1])
+        for key in ("ms_per_step", "images_per_s", "wall_s", "first_step_s"):
+            r[key] = sum(x[key] for x in rounds[name]) / args.rounds
+        r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rounds[name])
+        r["rounds"] = rounds[name]
+        runs[name] = r
+    base = runs[names[0]]
+    print(f"\n{args.steps} steps, mean of {args.rounds} alternated round(s):")
+    print(f"{'run':28s} {'ms/step':>8s} {'img/s':>8s} {'x base':>7s} {'peak MB':>8s} "
+          f"{'1st step s':>10s} {'wall s':>7s} {'x base wall':>12s}")
     for name, r in runs.items():
         r["speedup"] = base["ms_per_step"] / r["ms_per_step"]
+        r["speedup_wall"] = base["wall_s"] / r["wall_s"]
         print(f"{name:28s} {r['ms_per_step']:8.1f} {r['images_per_s']:8.0f} {r['speedup']:7.2f} "
-              f"{r['peak_rss_mb']:8.0f} {r['first_step_s']:10.1f} {r['wall_s']:7.1f}")
+              f"{r['peak_rss_mb']:8.0f} {r['first_step_s']:10.1f} {r['wall_s']:7.1f} "
+              f"{r['speedup_wall']:12.2f}")
     full = {name: 10000 * r["ms_per_step"] / 1e3 / 60 for name, r in runs.items()}
     print("projected 10,000 steps: " + ", ".join(f"{k} {v:.1f} min" for k, v in full.items()))
     report["runs"] = runs

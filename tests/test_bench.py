@@ -47,3 +47,46 @@ def test_a_run_without_the_profiler_still_records_its_phases(tiny_run: tuple) ->
     timings = json.loads((tiny_run[0].parent.parent / "timings.json").read_text())
     assert "profile" not in timings
     assert timings["phases_s"]["fit"] > 0 and timings["total_s"] >= sum(timings["phases_s"].values())
+
+
+def test_the_tutorial_comparison_alternates_its_runs_and_averages_the_rounds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # the processes are replaced by their results: what is checked is the order and the arithmetic
+    import argparse
+
+    from galaxy_lightning import bench
+
+    order: list[str] = []
+    walls = {"tutorial": [100.0, 80.0], "f32": [60.0, 60.0], "fast": [50.0, 30.0]}
+    steps_ms = {"tutorial": [70.0, 50.0], "f32": [40.0, 40.0], "fast": [30.0, 20.0]}
+
+    def result(kind: str) -> dict:
+        k = sum(1 for o in order if o == kind)
+        order.append(kind)
+        return {"ms_per_step": steps_ms[kind][k], "images_per_s": 1.0, "wall_s": walls[kind][k],
+                "first_step_s": 1.0, "peak_rss_mb": 100.0 * (k + 1)}
+
+    monkeypatch.setattr(bench, "_timed_process", lambda cmd, res: result("tutorial"))
+    monkeypatch.setattr(bench, "_train_py_run", lambda args, data_dir, run_dir, steps, overrides:
+                        result("fast" if "perf=fast" in overrides else "f32"))
+    report: dict = {}
+    args = argparse.Namespace(steps=1000, rounds=2, skip_prepare=True)
+    bench._tutorial_runs(args, [], tmp_path / "sim.h5", tmp_path, tmp_path, report)
+    assert order == ["tutorial", "f32", "fast"] * 2
+    runs = report["runs"]
+    assert runs["tutorial loop (baseline)"]["ms_per_step"] == 60.0
+    assert runs["train.py perf=fast"]["speedup"] == pytest.approx(60.0 / 25.0)
+    assert runs["train.py perf=fast"]["speedup_wall"] == pytest.approx(90.0 / 40.0)
+    assert runs["train.py float32"]["speedup_wall"] == pytest.approx(1.5)
+    assert runs["train.py float32"]["peak_rss_mb"] == 200.0  # the largest round, not the mean
+    assert len(runs["train.py float32"]["rounds"]) == 2
+    assert "mean of 2 alternated round(s)" in capsys.readouterr().out
+
+
+def test_the_benchmark_refuses_zero_rounds(capsys: pytest.CaptureFixture) -> None:
+    from galaxy_lightning import bench
+
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--rounds", "0"])
+    assert stop.value.code == 2
+    assert "--rounds 0 --steps 1000: both must be at least 1" in capsys.readouterr().err
