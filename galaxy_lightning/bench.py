@@ -8,6 +8,8 @@ Runs side by side, on this machine, in one invocation:
 - the project's training through the real ``train.py`` (Lightning Trainer, validation every 100
   steps, checkpoints, TensorBoard) with the tutorial config, in the default float32 mode and in
   the fast mode (``perf=fast``);
+- the machine's limit for the same model: a bare loop of the project's batch path and Adam,
+  without the Trainer, in float32 and in fast mode;
 
 each in its own process; then each model of the ``model`` group in the recommended recipe
 (``experiment=recommended``: batch 128, dihedral augmentation) in float32 and in fast mode;
@@ -96,6 +98,46 @@ def tutorial_loop(data_path: Path, steps: int, out: Path, eval_every: int = 100,
     out.write_text(json.dumps({"steps": steps, "first_step_end": step_end[0], "ms_per_step": 1e3 * steady,
                                "images_per_s": 200 / steady, "peak_rss_mb": _peak_rss_mb(),
                                "val_acc_best": best}))
+
+
+def bare_loop(data_path: Path, steps: int, out: Path, fast: bool, seed: int = 0) -> None:
+    """The machine's limit for the tutorial CNN, the step ``train.py`` approaches: the project's
+    batch path (a uint8 gather, one conversion to a channels-last float batch) and Adam, with no
+    Trainer, validation, checkpoints or logging; ``fast``: ``perf=fast``'s precision for this CPU
+    and ``torch.compile``. What ``train.py`` costs over it is the Trainer's."""
+    import torch
+    import torch.nn.functional as F
+
+    from galaxy_lightning.data.prepared import read_prepared
+    from galaxy_lightning.models import TutorialCNN
+
+    perf.tune_malloc()
+    if fast:
+        torch.set_float32_matmul_precision("high")
+    torch.manual_seed(seed)
+    data = read_prepared(data_path)
+    images = torch.from_numpy(data.images[:10000])  # uint8 NHWC, as the DataModule keeps them
+    labels = torch.from_numpy(data.labels[:10000]).long()
+    model = TutorialCNN().to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if fast else model
+    bf16 = fast and perf.fast_precision("cpu") == "bf16-mixed"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step_end = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(labels), (200,))
+        x = images[idx].permute(0, 3, 1, 2).float().div_(255)  # NCHW view of NHWC: channels-last
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(forward(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.detach().item()  # the Trainer reads the loss every step too
+        step_end.append(time.time())
+    warm = min(20, len(step_end) - 1)
+    steady = (step_end[-1] - step_end[warm]) / max(1, len(step_end) - 1 - warm)
+    out.write_text(json.dumps({"steps": steps, "first_step_end": step_end[0], "ms_per_step": 1e3 * steady,
+                               "images_per_s": 200 / steady, "peak_rss_mb": _peak_rss_mb(),
+                               "precision": "bf16-mixed" if bf16 else "32-true"}))
 
 
 def simulate_worker(data_dir: Path, out: Path) -> None:
@@ -274,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000,
                         help="training steps of each tutorial-loop and train.py run (1,000)")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="alternated rounds of the tutorial loop, float32 and fast mode (2)")
+                        help="alternated rounds of the tutorial loop, float32 and fast mode "
+                             "and the bare loops (2)")
     parser.add_argument("--model-steps", type=int, default=300,
                         help="training steps of each per-model run (300)")
     parser.add_argument("--data-dir", default="data", help="where data sets are cached (./data)")
@@ -299,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
                              "goes, and its projected minutes at full length")
     parser.add_argument("--recipe-steps", type=int, default=800,
                         help="training steps of the profiled recommended run (800)")
-    parser.add_argument("--worker", choices=["tutorial", "prepare", "simulate", "fullsize", "fits"],
+    parser.add_argument("--worker", choices=["tutorial", "bare", "bare-fast", "prepare", "simulate",
+                                             "fullsize", "fits"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
@@ -311,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = Path(args.data_dir).resolve()
     if args.worker == "tutorial":
         return tutorial_loop(Path(args.source), args.steps, Path(args.result))
+    if args.worker in ("bare", "bare-fast"):
+        return bare_loop(Path(args.source), args.steps, Path(args.result), args.worker == "bare-fast")
     if args.worker == "prepare":
         return prepare_worker(Path(args.source), data_dir / "bench", Path(args.result))
     if args.worker == "simulate":
@@ -565,6 +611,21 @@ def recipe_profile(timings: dict[str, Any], steps: int, validations: int, ema_st
     return rows
 
 
+def recipe_steps(recipe: Any) -> int:
+    """The recommended run's length on the simulated set: its fixed ``trainer.max_steps``, or,
+    when the length follows the data (``length``), what ``apply_length`` makes of the default
+    split's training images (batches of an epoch drop the last partial one)."""
+    from omegaconf import OmegaConf
+
+    steps = int(recipe.trainer.get("max_steps", -1))
+    length = recipe.get("length")
+    if steps != -1 or not length:
+        return steps
+    split = OmegaConf.create(files(CONFIG_PACKAGE).joinpath("data", "_datamodule.yaml").read_text())
+    per_epoch = int(split.splits[0]) // int(recipe.data.batch_size)
+    return max(int(length.min_steps), int(length.epochs) * per_epoch)
+
+
 def _recipe_profile(args: argparse.Namespace, data_dir: Path, out_dir: Path,
                     report: dict[str, Any]) -> None:
     """A shortened ``experiment=recommended`` run under Lightning's simple profiler: where its
@@ -574,7 +635,7 @@ def _recipe_profile(args: argparse.Namespace, data_dir: Path, out_dir: Path,
     recipe = OmegaConf.create(files(CONFIG_PACKAGE).joinpath("experiment", "recommended.yaml")
                               .read_text())
     ema = OmegaConf.create(files(CONFIG_PACKAGE).joinpath("callbacks", "ema.yaml").read_text())
-    full_steps, every = int(recipe.trainer.max_steps), int(recipe.trainer.val_check_interval)
+    full_steps, every = recipe_steps(recipe), int(recipe.trainer.val_check_interval)
     steps = args.recipe_steps
     interval = max(1, steps // 4)
     run_dir = out_dir / "recipe"
@@ -614,17 +675,23 @@ def _tutorial_runs(args: argparse.Namespace, me: list[str], synthetic: Path, dat
     alike. Two ratios: of the steady step times, and of the whole processes (start to exit:
     imports, data, compile, validation, checkpoints and test included), the one a user waits."""
     # 2. training runs
-    names = ("tutorial loop (baseline)", "train.py float32", "train.py perf=fast")
+    names = ("tutorial loop (baseline)", "train.py float32", "train.py perf=fast",
+             "bare loop float32 (limit)", "bare loop fast (limit)")
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+
+    def worker(kind: str, k: int) -> dict[str, Any]:
+        res = out_dir / f"{kind}_{k}.json"
+        return _timed_process([*me, "--worker", kind, "--steps", str(args.steps), "--source",
+                               str(synthetic), "--result", str(res)], res)
+
     for k in range(args.rounds):
-        res = out_dir / f"tutorial_{k}.json"
-        rounds[names[0]].append(_timed_process(
-            [*me, "--worker", "tutorial", "--steps", str(args.steps), "--source", str(synthetic),
-             "--result", str(res)], res))
-        for name, extra in zip(names[1:], ([], ["perf=fast"])):
+        rounds[names[0]].append(worker("tutorial", k))
+        for name, extra in zip(names[1:3], ([], ["perf=fast"])):
             tag = ("fast" if extra else "f32") + f"_{k}"
             rounds[name].append(_train_py_run(args, data_dir, out_dir / tag, args.steps,
                                               ["experiment=tutorial_synthetic", *extra]))
+        rounds[names[3]].append(worker("bare", k))
+        rounds[names[4]].append(worker("bare-fast", k))
         print(f"  round {k + 1}/{args.rounds}: " + ", ".join(
             f"{name} {rounds[name][-1]['wall_s']:.1f} s" for name in names), flush=True)
     runs: dict[str, dict[str, Any]] = {}
@@ -647,6 +714,10 @@ def _tutorial_runs(args: argparse.Namespace, me: list[str], synthetic: Path, dat
               f"{r['speedup_wall']:12.2f}")
     full = {name: 10000 * r["ms_per_step"] / 1e3 / 60 for name, r in runs.items()}
     print("projected 10,000 steps: " + ", ".join(f"{k} {v:.1f} min" for k, v in full.items()))
+    for mode, bare in (("float32", names[3]), ("perf=fast", names[4])):
+        over = runs[f"train.py {mode}"]["ms_per_step"] - runs[bare]["ms_per_step"]
+        print(f"the Trainer's cost per step over the bare loop, {mode}: {over:.1f} ms "
+              f"({100 * over / runs[bare]['ms_per_step']:.0f}%)")
     report["runs"] = runs
 
     # 3. Galaxy10 preparation from a full-size file

@@ -57,8 +57,10 @@ def test_the_tutorial_comparison_alternates_its_runs_and_averages_the_rounds(
     from galaxy_lightning import bench
 
     order: list[str] = []
-    walls = {"tutorial": [100.0, 80.0], "f32": [60.0, 60.0], "fast": [50.0, 30.0]}
-    steps_ms = {"tutorial": [70.0, 50.0], "f32": [40.0, 40.0], "fast": [30.0, 20.0]}
+    walls = {"tutorial": [100.0, 80.0], "f32": [60.0, 60.0], "fast": [50.0, 30.0],
+             "bare": [50.0, 50.0], "bare-fast": [30.0, 30.0]}
+    steps_ms = {"tutorial": [70.0, 50.0], "f32": [40.0, 40.0], "fast": [30.0, 20.0],
+                "bare": [32.0, 32.0], "bare-fast": [20.0, 20.0]}
 
     def result(kind: str) -> dict:
         k = sum(1 for o in order if o == kind)
@@ -66,13 +68,14 @@ def test_the_tutorial_comparison_alternates_its_runs_and_averages_the_rounds(
         return {"ms_per_step": steps_ms[kind][k], "images_per_s": 1.0, "wall_s": walls[kind][k],
                 "first_step_s": 1.0, "peak_rss_mb": 100.0 * (k + 1)}
 
-    monkeypatch.setattr(bench, "_timed_process", lambda cmd, res: result("tutorial"))
+    monkeypatch.setattr(bench, "_timed_process",
+                        lambda cmd, res: result(cmd[cmd.index("--worker") + 1]))
     monkeypatch.setattr(bench, "_train_py_run", lambda args, data_dir, run_dir, steps, overrides:
                         result("fast" if "perf=fast" in overrides else "f32"))
     report: dict = {}
     args = argparse.Namespace(steps=1000, rounds=2, skip_prepare=True)
     bench._tutorial_runs(args, [], tmp_path / "sim.h5", tmp_path, tmp_path, report)
-    assert order == ["tutorial", "f32", "fast"] * 2
+    assert order == ["tutorial", "f32", "fast", "bare", "bare-fast"] * 2
     runs = report["runs"]
     assert runs["tutorial loop (baseline)"]["ms_per_step"] == 60.0
     assert runs["train.py perf=fast"]["speedup"] == pytest.approx(60.0 / 25.0)
@@ -80,7 +83,11 @@ def test_the_tutorial_comparison_alternates_its_runs_and_averages_the_rounds(
     assert runs["train.py float32"]["speedup_wall"] == pytest.approx(1.5)
     assert runs["train.py float32"]["peak_rss_mb"] == 200.0  # the largest round, not the mean
     assert len(runs["train.py float32"]["rounds"]) == 2
-    assert "mean of 2 alternated round(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean of 2 alternated round(s)" in printed
+    # train.py's step against the bare loop's in the same mode: what the Trainer costs
+    assert "the Trainer's cost per step over the bare loop, float32: 8.0 ms (25%)" in printed
+    assert "the Trainer's cost per step over the bare loop, perf=fast: 5.0 ms (25%)" in printed
 
 
 def test_the_benchmark_refuses_zero_rounds(capsys: pytest.CaptureFixture) -> None:
@@ -90,3 +97,18 @@ def test_the_benchmark_refuses_zero_rounds(capsys: pytest.CaptureFixture) -> Non
         bench.main(["--rounds", "0"])
     assert stop.value.code == 2
     assert "--rounds 0 --steps 1000: both must be at least 1" in capsys.readouterr().err
+
+
+def test_the_recipe_projection_follows_the_runs_length() -> None:
+    from omegaconf import OmegaConf
+
+    from galaxy_lightning.bench import recipe_steps
+
+    fixed = OmegaConf.create({"trainer": {"max_steps": 6000}, "length": None})
+    assert recipe_steps(fixed) == 6000
+    # 10,000 training images of the default split in batches of 128: 78 full batches per epoch
+    by_data = OmegaConf.create({"trainer": {"max_steps": -1}, "data": {"batch_size": 128},
+                                "length": {"epochs": 77, "min_steps": 1500}})
+    assert recipe_steps(by_data) == 77 * 78
+    by_data.length.epochs = 5
+    assert recipe_steps(by_data) == 1500  # the floor
