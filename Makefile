@@ -36,7 +36,7 @@ clean:  ## remove run outputs (logs/), keep data/
 bench:  ## the benchmark: tutorial loop vs train.py (float32 and perf=fast), models, recipe profile, data preparation
 	$(PYTHON) -m galaxy_lightning.bench
 
-bench-recipe:  ## where the time of a recommended run goes (a profiled 800-step run, projected to 6,000)
+bench-recipe:  ## where the time of a recommended run goes (a profiled 800-step run, projected to its full length)
 	$(PYTHON) -m galaxy_lightning.bench --only-recipe
 
 bench-models:  ## ms/step and parameters of every model in the recommended recipe (float32, fast)

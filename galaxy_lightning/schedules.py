@@ -25,8 +25,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
     are still moving; a short ramp avoids a destructive first update at a high rate.
     """
     if total_steps < 1:
-        raise ConfigError(f"total_steps={total_steps} must be positive (a schedule "
-                          "needs a step limit: trainer.max_steps)")
+        raise ConfigError(f"total_steps={total_steps} must be positive (a schedule needs a "
+                          "step limit: trainer.max_steps=N, or trainer.max_steps=-1 with "
+                          "length={epochs: E, min_steps: S})")
     if not 0 <= warmup_fraction < 1:
         raise ConfigError(f"warmup_fraction={warmup_fraction} must be in [0, 1)")
     warmup_steps = int(round(warmup_fraction * total_steps))

@@ -62,7 +62,8 @@ def test_experiments_and_debug_presets_compose(option: str, make_cfg: Callable[.
     group, name = option.split("/") if "/" in option else ("experiment", option)
     cfg = make_cfg(f"{group}={name}", tiny=False)
     validate_config(cfg)
-    assert cfg.trainer.max_steps >= 1 or cfg.trainer.max_epochs >= 1
+    # every preset ends: a step or epoch limit, or a length set from its data
+    assert cfg.trainer.max_steps >= 1 or cfg.trainer.max_epochs >= 1 or cfg.get("length")
 
 
 def test_quickstart_preset_builds_everything(make_cfg: Callable[..., DictConfig]) -> None:

@@ -269,9 +269,12 @@ def test_a_run_reports_calibration(make_cfg: Callable[..., DictConfig]) -> None:
 # -- the recommended experiment and the comparison table -------------------------------------
 @pytest.mark.slow
 def test_recommended_experiment_composes_and_runs(make_cfg: Callable[..., DictConfig]) -> None:
-    cfg = make_cfg("experiment=recommended")
+    as_shipped = make_cfg("experiment=recommended", tiny=False, run="as_shipped")
+    assert as_shipped.trainer.max_steps == -1 and as_shipped.length.min_steps > 0  # follows the data
+    cfg = make_cfg("experiment=recommended")  # (composed last: the run uses its Hydra config)
     assert cfg.model._target_.endswith("BNCNN") and cfg.tta is True
-    assert list(cfg.data.augment) == ["dihedral"] and cfg.scheduler.total_steps == 20
+    assert list(cfg.data.augment) == ["dihedral", "rotate", "shift"]
+    assert cfg.scheduler.total_steps == 20  # a step count given wins over the recipe's length
     assert cfg.trainer.precision == perf.fast_precision("auto") and cfg.perf.compile is True
     metrics = train(cfg)
     assert metrics["val/acc_best"] > 0 and 0 <= metrics["test/acc"] <= 1
