@@ -170,6 +170,12 @@ def check_label_smoothing(value: Any) -> float:
     return float(value)
 
 
+def length_steps(length: Mapping[str, Any], batches_per_epoch: int) -> int:
+    """The steps of a run whose length follows its data (``length={epochs: E, min_steps: S}``):
+    E epochs of ``batches_per_epoch`` optimizer steps, at least S."""
+    return max(int(length["min_steps"]), int(length["epochs"]) * batches_per_epoch)
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for unknown keys, missing values, or invalid values of keys that
     have no ``_target_`` to check them, in a composed run config."""

@@ -49,6 +49,7 @@ from galaxy_lightning.config import (
     CONFIG_PACKAGE,
     construct,
     import_target,
+    length_steps,
     resolved,
     validate_config,
 )
@@ -120,7 +121,7 @@ def apply_length(cfg: DictConfig, datamodule: GalaxyDataModule, trainer: L.Train
     # rest at the end of an epoch)
     accumulate = int(trainer.accumulate_grad_batches)
     per_epoch = -(-datamodule.train_batches_per_epoch(trainer.world_size) // accumulate)
-    steps = max(int(length.min_steps), int(length.epochs) * per_epoch)
+    steps = length_steps(length, per_epoch)
     with open_dict(cfg):
         cfg.trainer.max_steps = steps
     trainer.fit_loop.epoch_loop.max_steps = steps  # (what Trainer(max_steps=...) sets)
