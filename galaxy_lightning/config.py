@@ -222,6 +222,10 @@ def validate_config(cfg: DictConfig) -> None:
              f"length={OmegaConf.to_container(length) if isinstance(length, DictConfig) else length} "
              "must be null or {epochs: E, min_steps: S} with E >= 1 and S >= 0, e.g. "
              "'length={epochs: 30, min_steps: 1500}'")
+    max_epochs = cfg.trainer.get("max_epochs", -1)
+    _require(max_steps != -1 or length is not None or (isinstance(max_epochs, int) and max_epochs >= 1),
+             "trainer.max_steps=-1 with length=null and no trainer.max_epochs: the run has no end; "
+             "set trainer.max_steps=N, or length={epochs: E, min_steps: S}")
     interval = cfg.trainer.get("val_check_interval", None)
     _require(interval is None or (isinstance(interval, (int, float)) and interval > 0),
              f"trainer.val_check_interval={interval} must be positive")

@@ -85,6 +85,9 @@ def test_a_run_length_in_epochs_follows_the_training_set(
     assert module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0](steps) == 0
     fixed = make_cfg("trainer.max_steps=20", f"length={length}")  # a step count wins
     assert build_and_prepare(fixed)[2].max_steps == 20
+    # an epoch limit (debug=default's one epoch) ends the run first, and the schedule with it
+    one_epoch = make_cfg("trainer.max_steps=-1", "trainer.max_epochs=1", f"length={length}")
+    assert build_and_prepare(one_epoch)[2].max_steps == 7
 
 
 def refuse(cfg: DictConfig) -> None:
@@ -109,6 +112,8 @@ def refuse(cfg: DictConfig) -> None:
     ("model.width=0", "model: width=0 must be positive"),
     ("+length={epochs: 0, min_steps: 10}", "length={'epochs': 0, 'min_steps': 10} must be null or"),
     ("+length={epochs: 3}", "must be null or {epochs: E, min_steps: S}"),
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 with length=null and no trainer.max_epochs: "
+                             "the run has no end"),
 ])
 def test_bad_configs_are_refused_with_one_line(override: str, message: str,
                                               make_cfg: Callable[..., DictConfig]) -> None:

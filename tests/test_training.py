@@ -231,7 +231,8 @@ def test_bad_scheduler_settings_are_reported(make_cfg: Callable[..., DictConfig]
                                              key: str) -> None:
     """Unknown keys before any data; values by the schedule itself, when it is built at the
     start of training (before the first step)."""
-    cfg = make_cfg("scheduler=cosine", override)
+    # (an epoch limit: a run bounded by epochs alone is a valid run, but its schedule has no length)
+    cfg = make_cfg("scheduler=cosine", "trainer.max_epochs=2", override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         validate_config(cfg)
         _, module, _ = build_and_prepare(cfg)
