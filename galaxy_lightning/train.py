@@ -121,7 +121,7 @@ def apply_length(cfg: DictConfig, datamodule: GalaxyDataModule, trainer: L.Train
     # rest at the end of an epoch)
     accumulate = int(trainer.accumulate_grad_batches)
     per_epoch = -(-datamodule.train_batches_per_epoch(trainer.world_size) // accumulate)
-    steps = length_steps(length, per_epoch)
+    steps = by_length = length_steps(length, per_epoch)
     max_epochs = cfg.trainer.get("max_epochs", -1)
     if isinstance(max_epochs, int) and max_epochs >= 1:  # an epoch limit (debug=default) ends it
         steps = min(steps, max_epochs * per_epoch)       # first: the schedule ends with the run
@@ -130,7 +130,7 @@ def apply_length(cfg: DictConfig, datamodule: GalaxyDataModule, trainer: L.Train
     trainer.fit_loop.epoch_loop.max_steps = steps  # (what Trainer(max_steps=...) sets)
     log.info("length: %d steps (%d epochs of %d batches, at least %d steps%s)", steps,
              int(length.epochs), per_epoch, int(length.min_steps),
-             f"; trainer.max_epochs={max_epochs} ends it sooner" if steps < length_steps(length, per_epoch) else "")
+             f"; trainer.max_epochs={max_epochs} ends it sooner" if steps < by_length else "")
 
 
 def build_module(cfg: DictConfig, datamodule: GalaxyDataModule) -> GalaxyClassifier:
