@@ -362,6 +362,13 @@ def test_rotation_and_shift_follow_the_pixel_grid() -> None:
     assert torch.allclose(right[..., 1:], x[..., :-1], atol=1e-5)
     down = rotate_shift(x, zeros, torch.tensor([[0.0, 2.0]] * 3))
     assert torch.allclose(down[..., 2:, :], x[..., :-2, :], atol=1e-5)
+    # a mirror then a quarter turn k is the dihedral symmetry 4 + k; only the asked images mirror
+    for k in range(4):
+        mirrored = rotate_shift(x, torch.full((3,), k * math.pi / 2), torch.zeros(3, 2),
+                                torch.ones(3, dtype=torch.bool))
+        assert torch.allclose(mirrored, dihedral(x, 4 + k, (2, 3)), atol=1e-5)
+    some = rotate_shift(x, zeros, torch.zeros(3, 2), torch.tensor([True, False, True]))
+    assert torch.allclose(some[1], x[1], atol=1e-5) and torch.allclose(some[2], x[2].flip(2), atol=1e-5)
 
 
 def test_random_rotation_keeps_pixel_statistics() -> None:
@@ -419,5 +426,24 @@ def test_augmentation_is_one_list_of_names() -> None:
     a = Augmentation(["dihedral", "rotate", "shift"], seed=1)(batch, preprocess)
     b = Augmentation(["dihedral", "rotate", "shift"], seed=1)(batch, preprocess)
     assert torch.equal(a, b)
+    # with rotations, the symmetry is a mirror in the same resampling: about half the images of
+    # a chiral shape (an F) come out mirrored, and none with rotations alone
+    f = torch.zeros(24, 24)
+    f[5:19, 8:11] = f[5:8, 8:17] = f[11:13, 8:14] = 1
+    letter = (f * 200 + 20).to(torch.uint8)[None, :, :, None].expand(64, 24, 24, 3).contiguous()
+    spec24 = Preprocess(InputSpec(class_names=("a", "b"), channels=3, image_size=24))
+    x = spec24(letter[:1]).expand(72, -1, -1, -1)
+    angles, still = torch.arange(72) * (2 * math.pi / 72), torch.zeros(72, 2)
+    turns = rotate_shift(x, angles, still)
+    mirrored_turns = rotate_shift(x, angles, still, torch.ones(72, dtype=torch.bool))
+
+    def n_mirrored(names: list[str]) -> int:
+        out = Augmentation(names, seed=0)(letter, spec24)
+        def nearest(refs: torch.Tensor) -> torch.Tensor:
+            return (out[:, None] - refs[None]).abs().flatten(2).mean(2).min(1).values
+        return int((nearest(mirrored_turns) < nearest(turns)).sum())
+
+    assert 16 < n_mirrored(["dihedral", "rotate"]) < 48
+    assert n_mirrored(["rotate"]) == 0
 
 

@@ -8,7 +8,11 @@ the cutout centre, so rotated, flipped and slightly shifted images are as real a
   they are exact and also serve test-time augmentation (:func:`dihedral_views`).
 - :func:`random_rotate_shift`: rotation by an arbitrary angle and a sub-pixel shift, one affine
   resampling per batch (bilinear, reflected borders: rotating a square frame would otherwise
-  bring in black corners that real cutouts never have).
+  bring in black corners that real cutouts never have). With ``dihedral`` as well, the symmetry
+  is folded into the same resampling: a uniform angle already includes the quarter turns, so only
+  a random mirror is left, one sign in the affine matrix (the same distribution of images as a
+  symmetry followed by a rotation, without the index copies of the uint8 batch: 18.5 -> 12.3 ms
+  per batch of 128 96 px images on 2 cores, medians of 6 alternated rounds).
 
 :class:`Augmentation` composes them from one list of names (``data.augment=[dihedral,shift]``).
 """
@@ -54,16 +58,20 @@ def dihedral_views(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([dihedral(images, k, (2, 3)) for k in range(8)])
 
 
-def rotate_shift(images: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Float NCHW images, image i rotated counter-clockwise (as displayed, row 0 at the top) by
-    ``angle[i]`` radians about its centre and moved by ``shift[i] = (dx, dy)`` pixels (right,
-    down), in one ``grid_sample`` (bilinear, reflected borders)."""
+def rotate_shift(images: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor,
+                 mirror: torch.Tensor | None = None) -> torch.Tensor:
+    """Float NCHW images, image i mirrored left-right if ``mirror[i]``, then rotated
+    counter-clockwise (as displayed, row 0 at the top) by ``angle[i]`` radians about its centre
+    and moved by ``shift[i] = (dx, dy)`` pixels (right, down), in one ``grid_sample`` (bilinear,
+    reflected borders)."""
     n, _, h, w = images.shape
     cos, sin = torch.cos(angle), torch.sin(angle)
     # theta maps output to input coordinates, normalised to [-1, 1] across the image (x right,
-    # y down): input = R(-angle) (output - shift), with a shift of s pixels being 2 s / size.
+    # y down): input = M R(-angle) (output - shift), with a shift of s pixels being 2 s / size
+    # and M the mirror x -> -x where asked (its row of theta changes sign).
     tx, ty = 2 * shift[:, 0] / w, 2 * shift[:, 1] / h
-    theta = torch.stack([torch.stack([cos, -sin, -(cos * tx - sin * ty)], 1),
+    sign = 1 - 2 * mirror.to(cos.dtype) if mirror is not None else torch.ones_like(cos)
+    theta = torch.stack([sign[:, None] * torch.stack([cos, -sin, -(cos * tx - sin * ty)], 1),
                          torch.stack([sin, cos, -(sin * tx + cos * ty)], 1)], 1)
     theta = theta.to(images.device, images.dtype)
     grid = F.affine_grid(theta, [n, images.shape[1], h, w], align_corners=False)
@@ -72,22 +80,29 @@ def rotate_shift(images: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor)
 
 
 def random_rotate_shift(images: torch.Tensor, max_shift: float, rotate: bool,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each image rotated by a uniform random angle (if ``rotate``) and shifted by a uniform
-    random offset of up to ``max_shift`` pixels along each axis (:func:`rotate_shift`)."""
+                        generator: torch.Generator | None = None,
+                        mirror: bool = False) -> torch.Tensor:
+    """Each image mirrored with probability 1/2 (if ``mirror``), rotated by a uniform random
+    angle (if ``rotate``) and shifted by a uniform random offset of up to ``max_shift`` pixels
+    along each axis (:func:`rotate_shift`). ``mirror`` and ``rotate`` together draw each image's
+    symmetry of the square and its rotation at once: any symmetry followed by a uniform rotation
+    is a uniform rotation of the image or of its mirror."""
     n = len(images)
     angle = torch.rand(n, generator=generator) * 2 * math.pi if rotate else torch.zeros(n)
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift
-    return rotate_shift(images, angle, shift)
+    flips = torch.rand(n, generator=generator) < 0.5 if mirror else None
+    return rotate_shift(images, angle, shift, flips)
 
 
 class Augmentation:
     """The training augmentations named in ``names`` (any of :data:`AUGMENTATIONS`), applied to
     whole batches with one seeded generator (its state is part of the DataModule's state).
 
-    ``dihedral`` works on the uint8 NHWC batch before preprocessing (it moves whole pixels: exact
-    and 4x fewer bytes than on floats); ``rotate`` (a uniform angle) and ``shift`` (up to
-    ``max_shift`` pixels per axis) resample the float batch after it, in one ``grid_sample``.
+    ``rotate`` (a uniform angle) and ``shift`` (up to ``max_shift`` pixels per axis) resample the
+    float batch after preprocessing, in one ``grid_sample``; ``dihedral`` with ``rotate`` is a
+    random mirror in that same resampling. ``dihedral`` without ``rotate`` works on the uint8
+    NHWC batch before preprocessing (it moves whole pixels: exact, and 4x fewer bytes than
+    floats).
     """
 
     def __init__(self, names: str | Sequence[str] = (), max_shift: float = 2.0,
@@ -111,10 +126,12 @@ class Augmentation:
     def __call__(self, images: torch.Tensor,
                  preprocess: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """uint8 NHWC training batch -> augmented float model input (``preprocess`` in between)."""
-        if "dihedral" in self.names:
+        rotate, shift = "rotate" in self.names, "shift" in self.names
+        symmetry = "dihedral" in self.names
+        if symmetry and not rotate:
             images = random_dihedral(images, self.generator)
         x = preprocess(images)
-        rotate, shift = "rotate" in self.names, "shift" in self.names
         if rotate or shift:
-            x = random_rotate_shift(x, self.max_shift if shift else 0.0, rotate, self.generator)
+            x = random_rotate_shift(x, self.max_shift if shift else 0.0, rotate, self.generator,
+                                    mirror=symmetry and rotate)
         return x
