@@ -404,6 +404,52 @@ def test_augmentation_keeps_labels(make_cfg: Callable[..., DictConfig], augment:
     assert torch.equal(val_images, plain)
 
 
+def test_mixup_blends_images_and_targets_alike() -> None:
+    # every pixel of image i holds its label, so a blend's pixels are its targets' mean label
+    labels = torch.arange(32) % 4
+    x = labels.float().view(-1, 1, 1, 1).expand(32, 3, 8, 8).contiguous()
+    targets = torch.nn.functional.one_hot(labels, 4).float()
+    augmentation = Augmentation([], mixup=0.4, seed=3)
+    assert augmentation  # mixup alone is an augmentation: training batches go through it
+    weights = []
+    for _ in range(4):
+        state = augmentation.generator.get_state()
+        mixed, blended = augmentation.mix(x, targets)
+        assert torch.allclose(blended.sum(1), torch.ones(32))
+        assert torch.allclose(mixed.mean((1, 2, 3)), blended @ torch.arange(4.0), atol=1e-5)
+        own = blended.gather(1, labels[:, None]).squeeze(1)
+        assert (own >= 0.5 - 1e-6).all()  # each image stays the larger part of its blend
+        assert (own < 1).any()  # and some were blended with another class
+        weights.append(round(own.min().item(), 6))
+        augmentation.generator.set_state(state)  # the same state blends the same way (resume)
+        again = augmentation.mix(x, targets)
+        assert torch.equal(again[0], mixed) and torch.equal(again[1], blended)
+    assert len(set(weights)) == 4  # a new weight for every batch
+
+
+def test_mixup_trains_against_blended_targets(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("data.augment=[dihedral]", "data.mixup=0.3")
+    datamodule, module, trainer = build_and_prepare(cfg)
+    datamodule.trainer = trainer
+    datamodule.setup("fit")
+    images, labels = next(iter(datamodule.train_dataloader()))
+    trainer.state.stage = "train"
+    x, out_labels, extras = datamodule.on_after_batch_transfer((images, labels), 0)
+    blended = extras["targets"]
+    assert torch.equal(out_labels, labels) and x.shape == (len(labels), 3, 32, 32)
+    assert blended.shape == (len(labels), len(CLASS_NAMES))
+    assert (blended.argmax(1) == labels).float().mean() > 0.9 and (blended.max(1).values < 1).any()
+    trainer.state.stage = "validate"  # evaluation batches are the images as they are
+    assert len(datamodule.on_after_batch_transfer((images, labels), 0)) == 2
+
+
+def test_bad_mixup_options_are_reported(make_cfg: Callable[..., DictConfig]) -> None:
+    with pytest.raises(ConfigError, match=r"^data: mixup=-0.2 must be 0 \(off\)"):
+        build(make_cfg("data.mixup=-0.2"))
+    with pytest.raises(ConfigError, match=r"^data: mixup=0.2 blends class targets, not the vote"):
+        build(make_cfg("data.mixup=0.2", "task=decision_tree", "data.source.tree=gz_decals_dr5"))
+
+
 def test_bad_augmentation_options_are_reported(make_cfg: Callable[..., DictConfig]) -> None:
     with pytest.raises(ConfigError, match=r"^data: max_shift=20"):
         build(make_cfg("data.augment=[shift]", "data.max_shift=20"))

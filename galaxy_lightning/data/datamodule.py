@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from galaxy_lightning.data.augment import Augmentation
@@ -257,7 +258,7 @@ class GalaxyDataModule(L.LightningDataModule):
                  soft_targets: bool = False, overfit_batches: int = 0, test_only: bool = False,
                  device_resident: bool = False, in_memory: bool | str = True,
                  stream_workers: int | None = None, stream_block: int = 32,
-                 votes: bool = False) -> None:
+                 votes: bool = False, mixup: float = 0.0) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -273,7 +274,10 @@ class GalaxyDataModule(L.LightningDataModule):
         self.splits = list(splits)
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
-        self.augmentation = Augmentation(augment, max_shift, seed=shuffle_seed)
+        self.augmentation = Augmentation(augment, max_shift, seed=shuffle_seed, mixup=mixup)
+        if self.augmentation.mixup and votes:
+            raise ConfigError(f"mixup={mixup} blends class targets, not the vote counts that "
+                              "task=decision_tree learns; use data.mixup=0 with that task")
         self.folds = folds
         self.fold = fold
         self.soft_targets = soft_targets
@@ -297,6 +301,7 @@ class GalaxyDataModule(L.LightningDataModule):
         self._path: Path | None = None
         self._split_data: dict[str, TensorBatches] = {}
         self.preprocess: Preprocess | None = None
+        self.num_classes = 0
 
     # -- preparation -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -311,6 +316,7 @@ class GalaxyDataModule(L.LightningDataModule):
                             f"({info.class_names[int(labels[0])]}); a classifier needs images of "
                             "at least two classes")
         self.preprocess = Preprocess(info.spec)
+        self.num_classes = info.num_classes  # (read once: mixup's one-hot targets need it per batch)
         if not (self.test_only or info.has_split):
             resolve_split_sizes(self.splits, info.num_images, self._path)
         if self.votes and "votes" not in info.columns:
@@ -489,9 +495,17 @@ class GalaxyDataModule(L.LightningDataModule):
         images, *rest = batch
         assert self.preprocess is not None, "prepare_data() sets the preprocessing"
         trainer = getattr(self, "trainer", None)
-        if self.augmentation and trainer is not None and trainer.training:
-            return (self.augmentation(images, self.preprocess), *rest)
-        return (self.preprocess(images), *rest)
+        if not (self.augmentation and trainer is not None and trainer.training):
+            return (self.preprocess(images), *rest)
+        x = self.augmentation(images, self.preprocess)
+        if not self.augmentation.mixup:
+            return (x, *rest)
+        labels, extras = rest[0], dict(rest[1]) if len(rest) > 1 else {}
+        targets = extras.get("targets")
+        if targets is None:
+            targets = F.one_hot(labels, self.num_classes).to(x.dtype)
+        x, extras["targets"] = self.augmentation.mix(x, targets)
+        return (x, labels, extras)
 
     def examples(self, per_class: int = 8, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Up to ``per_class`` uint8 images of each class from a split (for image grids)."""
