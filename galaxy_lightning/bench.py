@@ -530,7 +530,7 @@ def _model_runs(args: argparse.Namespace, data_dir: Path, out_dir: Path,
     steps = args.model_steps
     models = sorted(p.name.removesuffix(".yaml") for p in files(CONFIG_PACKAGE).joinpath("model").iterdir()
                     if p.name.endswith(".yaml"))
-    print(f"\nmodels in the recommended recipe (batch 128, dihedral augmentation, {steps} steps; "
+    print(f"\nmodels in the recommended recipe (batch 128, its augmentation, {steps} steps; "
           "ms/step includes validation every 250 steps):")
     print(f"{'model':14s} {'params':>9s} {'f32 ms/step':>12s} {'fast ms/step':>13s} "
           f"{'f32 min/6k':>11s} {'fast min/6k':>12s}")
