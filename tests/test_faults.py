@@ -30,8 +30,9 @@ from .conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A short run that exercises everything a resume must restore: augmentation and mixup (their
-#: generator), dropout (torch's RNG), a schedule, weight averaging, BatchNorm statistics, and validation at
-#: step counts that are not epoch boundaries (7 batches per epoch, validation every 5 steps).
+#: generator), dropout (torch's RNG), a schedule, weight averaging, BatchNorm statistics, and
+#: validation at step counts that are not epoch boundaries (7 batches per epoch, validation
+#: every 5 steps).
 RUN = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))],
        "model=bn_cnn", "data.augment=[dihedral,rotate,shift]", "data.mixup=0.4", "scheduler=cosine",
        "callbacks=[default,ema]", "callbacks.ema.update_starting_at_step=0",

@@ -48,6 +48,8 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
 
     lam is taken as max(lam, 1 - lam) (as fastai does): the same pairs, but each image stays the
     larger part of its blend, so accuracy against the batch's own labels still means something."""
+    # torch's Beta sampler takes no generator: draw it with numpy, seeded from ours, so the
+    # weight follows the (checkpointed) generator like every other draw here
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     lam = max(lam, 1.0 - lam)
